@@ -36,7 +36,10 @@ def linear_warmup_decay(warmup_steps: int, max_steps: int):
 
 
 class UnlearningModule(L.LightningModule):
-    """Trains ``model`` on a composed baseline objective; ``ref_model`` is frozen and never updated."""
+    """Trains ``model`` on a composed baseline objective; ``ref_model`` is frozen and never updated.
+
+    The reference is kept (as a submodule, so it follows the device) only when a term needs it.
+    """
 
     def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, *, forget: str = "ga",
                  regulariser: str | None = None, forget_coeff: float = 1.0, regularization_coeff: float = 1.0,
@@ -55,7 +58,7 @@ class UnlearningModule(L.LightningModule):
 
     def train(self, mode: bool = True) -> UnlearningModule:
         super().train(mode)
-        if self.ref_model is not None:  # Lightning calls .train() on the whole module; keep ref in eval
+        if self.ref_model is not None:  # a .train() on the whole module must not reach the reference
             self.ref_model.eval()
         return self
 

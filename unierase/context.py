@@ -45,6 +45,7 @@ class RunContext:
     model_cfg: ModelConfig
     trainer_cfg: TrainerConfig
     loggers: list[Logger] = field(default_factory=list)
+    model_id: str = ""  # identity of the model being unlearned (the target), for cache keys
 
     @property
     def seed(self) -> int:
@@ -74,8 +75,9 @@ class RunContext:
         model, path = self.finetuned(base, tokenizer, benchmark.target_train, "target")
         return model, path.name
 
-    def retain_reference(self, base: PreTrainedModel, tokenizer: Any, benchmark: Benchmark) -> PreTrainedModel | None:
+    def retain_reference(self, base: PreTrainedModel, tokenizer: Any,
+                         benchmark: Benchmark) -> tuple[PreTrainedModel, Path] | None:
         """The same recipe without the forget split (for forget quality); None where not applicable."""
         if benchmark.target_train is None or not self.cfg.target.build_retain_reference:
             return None
-        return self.finetuned(base, tokenizer, benchmark.retain_train, "retain_reference")[0]
+        return self.finetuned(base, tokenizer, benchmark.retain_train, "retain_reference")

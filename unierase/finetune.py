@@ -56,7 +56,8 @@ def finetune(
 ) -> list[float]:
     """Fine-tune `model` in place on `data`; returns the per-step loss curve."""
     L.seed_everything(recipe.seed, workers=True, verbose=False)
-    items = [encode_qa(tokenizer, qa.question, qa.training_answer, model_cfg, recipe.max_length) for qa in data]
+    items = [encode_qa(tokenizer, qa.question, qa.training_answer, model_cfg, recipe.max_length, pad=False)
+             for qa in data]
     module = AnswerLossFineTuner(model, recipe.lr, recipe.weight_decay)
     model.train()
     make_trainer(trainer_cfg, max_epochs=recipe.epochs).fit(

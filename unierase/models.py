@@ -8,6 +8,7 @@ Three sources, chosen by `model.source`:
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -134,9 +135,7 @@ def load_saved(directory: Path, like: PreTrainedModel | None = None) -> PreTrain
 
 def copy_model(model: PreTrainedModel) -> PreTrainedModel:
     """An independent copy (a frozen reference model, or a fresh start for a precise request)."""
-    clone = type(model)(model.config)
-    clone.load_state_dict(model.state_dict())
-    return clone.to(model.device).eval()
+    return copy.deepcopy(model).eval()
 
 
 def module_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -177,17 +176,18 @@ def chat_prompt(tokenizer: Any, question: str, cfg: ModelConfig) -> str:
 
 
 def encode_qa(
-    tokenizer: Any, question: str, answer: str, cfg: ModelConfig, max_length: int
+    tokenizer: Any, question: str, answer: str, cfg: ModelConfig, max_length: int, pad: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Chat-formatted QA example, right-padded: labels are the answer tokens plus one end-of-turn.
+    """Chat-formatted QA example: labels are the answer tokens plus one end-of-turn.
 
-    Prompt and answer are tokenised separately so the label boundary is exact.
+    Prompt and answer are tokenised separately so the label boundary is exact. `pad=True` right-pads
+    to `max_length`; otherwise `pad_batch` pads each batch to its own longest example.
     """
     prompt_ids = tokenizer(chat_prompt(tokenizer, question, cfg), add_special_tokens=False).input_ids
     answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [turn_end_id(tokenizer)]
     input_ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
-    pad = max_length - len(input_ids)
+    pad = max_length - len(input_ids) if pad else 0
     return {
         "input_ids": torch.tensor(input_ids + [tokenizer.pad_token_id] * pad),
         "attention_mask": torch.tensor([1] * len(input_ids) + [0] * pad),

@@ -15,12 +15,19 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from baselines.method import BaselineConfig, FinetuneUnlearner
+from benchmarks.base import QA, Benchmark
 from unierase.context import RunContext, load_benchmark, typed
+from unierase.evaluation.knowledge import EvalConfig, evaluate_knowledge, read_forget_truth_ratios
+from unierase.evaluation.utility import evaluate_utility
 from unierase.io import atomic_write_json
-from unierase.loggers import finish, make_loggers
+from unierase.loggers import finish, log_metrics, make_loggers
+from unierase.method import Unlearner
 from unierase.models import ModelConfig
 from unierase.run_dir import write_run_header
+from unierase.settings import SETTINGS, Evaluator, SettingConfig
 from unierase.training import TrainerConfig
+from unierase.unierase import UniErase, UniEraseConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +38,76 @@ def stage_finetune(ctx: RunContext) -> dict:
     start = time.perf_counter()
     target, target_id = ctx.target(base, tokenizer, benchmark)
     reference = ctx.retain_reference(base, tokenizer, benchmark)
-    return {"target": target_id, "retain_reference": reference is not None,
+    return {"target": target_id, "retain_reference": reference[1].name if reference else None,
             "seconds": time.perf_counter() - start}
 
 
-STAGES = {"finetune": stage_finetune}
+METHODS = {"unierase": (UniEraseConfig, UniErase), "finetune": (BaselineConfig, FinetuneUnlearner)}
+
+
+def build_method(node: DictConfig) -> Unlearner:
+    if node.get("kind") not in METHODS:
+        raise ValueError(f"method '{node.get('name')}' has unknown kind '{node.get('kind')}' ({' | '.join(METHODS)})")
+    schema, method = METHODS[node.kind]
+    return method(typed(node, schema))
+
+
+def make_evaluator(ctx: RunContext, benchmark: Benchmark, retain_reference_tr: list[float] | None) -> Evaluator:
+    eval_cfg = typed(ctx.cfg.eval, EvalConfig)
+
+    def evaluate(model, tokenizer, forget_splits: dict[str, list[QA]], out_dir: Path) -> dict:
+        start = time.perf_counter()
+        metrics = evaluate_knowledge(model, tokenizer, benchmark, eval_cfg, ctx.model_cfg, out_dir,
+                                     retain_reference_tr, forget_splits)
+        if "ut" in eval_cfg.families:
+            metrics |= evaluate_utility(model, tokenizer, Path(ctx.cfg.paths.data_dir), eval_cfg, ctx.model_cfg,
+                                        out_dir, benchmark.refusals)
+        return metrics | {"time.eval_s": time.perf_counter() - start}
+
+    return evaluate
+
+
+def retain_reference_truth_ratios(ctx: RunContext, base, tokenizer, benchmark: Benchmark) -> list[float] | None:
+    """Per-example forget truth ratios of the retain-reference model (for ou.forget_quality), cached."""
+    built = ctx.retain_reference(base, tokenizer, benchmark)
+    if built is None:
+        return None
+    reference, path = built
+    eval_cfg = typed(ctx.cfg.eval, EvalConfig)
+    eval_cfg.families, eval_cfg.generation = ["ou"], False  # truth ratios need no generation
+    out_dir = path / "forget_truth_ratios" / ctx.cfg.benchmark.split
+    if not (out_dir / "knowledge.forget_truth_ratios.json").is_file():
+        evaluate_knowledge(reference, tokenizer, benchmark, eval_cfg, ctx.model_cfg, out_dir)
+    return read_forget_truth_ratios(out_dir)
+
+
+def stage_unlearn(ctx: RunContext) -> dict:
+    base, tokenizer = ctx.load_base()
+    benchmark = load_benchmark(ctx.cfg.benchmark)
+    target, ctx.model_id = ctx.target(base, tokenizer, benchmark)
+    retain_tr = retain_reference_truth_ratios(ctx, base, tokenizer, benchmark) if "ou" in ctx.cfg.eval.families else None
+    setting = typed(ctx.cfg.setting, SettingConfig)
+    if setting.name not in SETTINGS:
+        raise ValueError(f"unknown setting '{setting.name}' ({' | '.join(SETTINGS)})")
+    method = build_method(ctx.cfg.method)
+    evaluate = make_evaluator(ctx, benchmark, retain_tr)
+    metrics = SETTINGS[setting.name](method, target, tokenizer, benchmark, ctx, evaluate, setting)
+    log_metrics(ctx.loggers, metrics)
+    return metrics
+
+
+def stage_eval(ctx: RunContext) -> dict:
+    if not ctx.model_cfg.path:
+        raise ValueError("stage=eval needs model.path=<a saved model directory or hub id>")
+    base, tokenizer = ctx.load_base()
+    benchmark = load_benchmark(ctx.cfg.benchmark)
+    evaluate = make_evaluator(ctx, benchmark, None)
+    metrics = evaluate(base, tokenizer, {"forget": benchmark.forget}, ctx.run_dir / "eval")
+    log_metrics(ctx.loggers, metrics)
+    return metrics
+
+
+STAGES = {"finetune": stage_finetune, "unlearn": stage_unlearn, "eval": stage_eval}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -48,8 +120,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         model_cfg=typed(cfg.model, ModelConfig), trainer_cfg=typed(cfg.trainer, TrainerConfig),
         loggers=make_loggers(cfg, run_dir),
     )
-    result = STAGES[cfg.stage](ctx)
-    atomic_write_json(run_dir / "result.json", result)
+    start = time.perf_counter()
+    result = STAGES[cfg.stage](ctx) | {"time.total_s": time.perf_counter() - start}
+    atomic_write_json(run_dir / "metrics.json", result)
     finish(ctx.loggers, result)
     return result
 

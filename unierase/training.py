@@ -21,7 +21,7 @@ class TrainerConfig:
 
 
 class TensorDictDataset(Dataset):
-    """A list of equal-length tensor dicts (already padded), collated by stacking."""
+    """A list of tensor dicts (one example each)."""
 
     def __init__(self, items: list[dict[str, torch.Tensor]]):
         self.items = items
@@ -44,6 +44,20 @@ def make_trainer(cfg: TrainerConfig, loggers: list | bool = False, **limits: Any
     )
 
 
+PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+
+
+def pad_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example (padding ids are masked out, so their value is moot)."""
+    width = max(item["input_ids"].shape[0] for item in items)
+    return {
+        key: torch.stack([torch.nn.functional.pad(item[key], (0, width - item[key].shape[0]), value=PAD_VALUES[key])
+                          for item in items])
+        for key in items[0]
+    }
+
+
 def loader(items: list[dict[str, torch.Tensor]], batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDictDataset(items), batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(TensorDictDataset(items), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=pad_batch)

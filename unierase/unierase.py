@@ -1,0 +1,117 @@
+"""UniErase as an `Unlearner`: Stage A (unlearning token) once, Stage B (AlphaEdit) per request.
+
+Expensive artifacts are cached on disk and keyed by what produced them: the token (per model, token
+config and training questions; a universal token is trained once per model on generic questions) and
+the second-moment statistics / null-space projectors (per model, layers, corpus, sample count). A
+request with a cached universal token and cached statistics therefore runs the edit only.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from benchmarks.base import QA, Benchmark
+from unierase.context import RunContext
+from unierase.edit.alphaedit import EditConfig, EditRequest, EditState, apply_edits, edited_fraction
+from unierase.edit.statistics import nullspace_projectors, second_moments
+from unierase.method import Unlearner
+from unierase.models import autocast_dtype
+from unierase.token import TokenArtifact, TokenConfig, artifact_key, train_unlearning_token
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UniEraseConfig:
+    name: str = "unierase"
+    kind: str = "unierase"
+    token: TokenConfig = field(default_factory=TokenConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
+    generic_questions: int = 400  # token.train_on=generic: how many generic questions train it
+
+
+class UniErase(Unlearner):
+    def __init__(self, cfg: UniEraseConfig):
+        self.cfg = cfg
+        self.artifact: TokenArtifact | None = None
+        self.projectors: dict = {}
+        self.state: EditState | None = None
+        self.timings: dict[str, float] = {}
+        self.cache_hits: dict[str, bool] = {}
+
+    def _token(self, model: PreTrainedModel, tokenizer: Any, questions: list[str], benchmark: Benchmark,
+               ctx: RunContext) -> TokenArtifact:
+        cfg = self.cfg.token
+        key = artifact_key(ctx.model_id, cfg, questions, benchmark.refusals, ctx.model_cfg, self.cfg.edit.layers)
+        directory = ctx.cache_dir / "tokens" / f"{cfg.train_on}-{key}"
+        self.cache_hits["token"] = (directory / "token.json").is_file()
+        if self.cache_hits["token"]:
+            log.info("reusing cached unlearning token %s", directory)
+            artifact = TokenArtifact.load(directory)
+            artifact.apply(model, tokenizer)
+            return artifact
+        artifact = train_unlearning_token(model, tokenizer, questions, benchmark.refusals, cfg, ctx.model_cfg,
+                                          ctx.trainer_cfg, self.cfg.edit.layers)
+        artifact.save(directory, model)
+        return artifact
+
+    def prepare(self, model: PreTrainedModel, tokenizer: Any, questions: list[QA], benchmark: Benchmark,
+                ctx: RunContext) -> PreTrainedModel:
+        start = time.perf_counter()
+        if self.cfg.token.train_on == "generic":
+            texts = benchmark.generic_questions[: self.cfg.generic_questions]
+        else:
+            texts = [qa.question for qa in questions]
+        self.artifact = self._token(model, tokenizer, texts, benchmark, ctx)
+        self.timings["time.token_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        edit = self.cfg.edit
+        template = edit.module_template or ctx.model_cfg.down_proj_template
+        # The corpus never contains the new token, so statistics of the token model equal the target's.
+        moments = second_moments(
+            model, tokenizer, edit.layers, Path(ctx.cfg.paths.data_dir) / edit.mom2_corpus, edit.mom2_n_samples,
+            edit.mom2_chunk_tokens, edit.mom2_batch_size, ctx.cache_dir / "statistics", ctx.model_id,
+            template, autocast_dtype(ctx.model_cfg) if model.device.type == "cpu" else None,
+        )
+        self.cache_hits["statistics"] = moments.cached
+        self.projectors = nullspace_projectors(moments, edit.nullspace_threshold, edit.nullspace_mode,
+                                               ctx.cache_dir / "statistics")
+        self.timings["time.statistics_s"] = time.perf_counter() - start
+        return model
+
+    def requests(self, tokenizer: Any, request: list[QA]) -> list[EditRequest]:
+        token_of = self.artifact.token_of
+        default = self.artifact.tokens[0]  # a universal token serves every question
+        return [EditRequest(qa.question, qa.subject, tokenizer.convert_tokens_to_ids(token_of.get(qa.question, default)),
+                            qa.uid) for qa in request]
+
+    def unlearn(self, model: PreTrainedModel, tokenizer: Any, request: list[QA], benchmark: Benchmark,
+                ctx: RunContext) -> PreTrainedModel:
+        start = time.perf_counter()
+        retain = [(qa.question, qa.subject) for qa in benchmark.retain_train]
+        self.state = apply_edits(model, tokenizer, self.requests(tokenizer, request), self.cfg.edit, ctx.model_cfg,
+                                 self.projectors, self.state, retain=retain)
+        self.timings["time.edit_s"] = self.timings.get("time.edit_s", 0.0) + time.perf_counter() - start
+        return model
+
+    def save_state(self, directory: Path) -> None:
+        self.state.save(directory / "edit")
+
+    def load_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
+        self.state = EditState.load(directory / "edit")
+        self.state.adopt(model, self.projectors, tokenizer, self.cfg.edit.module_template or "")
+
+    def metrics(self, model: PreTrainedModel) -> dict[str, float]:
+        template = self.cfg.edit.module_template or "model.layers.{}.mlp.down_proj"
+        return {
+            "unierase.edited_fraction": edited_fraction(model, self.cfg.edit.layers, template),
+            "unierase.token_cached": float(self.cache_hits.get("token", False)),
+            "unierase.statistics_cached": float(self.cache_hits.get("statistics", False)),
+            **self.timings,
+        }
