@@ -1,7 +1,6 @@
 """Paired forget/retain/refusal dataset of the baselines (SPEC-baselines §1, §2.1)."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -10,15 +9,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from baselines.losses import PARTS
+from unierase.token import refusal_for
 
 Encode = Callable[[str, str], dict[str, Tensor]]
 QA = tuple[str, str]
-
-
-def refusal_for(question: str, pool: Sequence[str], salt: str = "") -> str:
-    """Stable refusal for a question: SHA-256(salt ‖ q)[:8] as a big-endian int, mod |pool|."""
-    digest = hashlib.sha256(salt.encode() + question.encode()).digest()
-    return pool[int.from_bytes(digest[:8], "big") % len(pool)]
 
 
 def pair_indices(i: int, n_retain: int, n_refusals: int) -> tuple[int, int]:

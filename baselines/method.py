@@ -116,8 +116,10 @@ class FinetuneUnlearner(Unlearner):
         self.forgotten |= {(qa.question, qa.answer) for qa in request}
         return model.eval()
 
-    def save_state(self, directory: Path) -> None:
+    def save_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
+        super().save_state(directory, model, tokenizer)
         atomic_write_json(directory / "forgotten.json", sorted(self.forgotten))
 
-    def load_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
+    def load_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> PreTrainedModel:
         self.forgotten = {tuple(pair) for pair in json.loads((directory / "forgotten.json").read_text())}
+        return super().load_state(directory, model, tokenizer)

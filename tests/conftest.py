@@ -5,8 +5,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from unierase.models import ModelConfig, load_model
+
+# Tiny models are fastest single-threaded: thread start-up dominates their small matmuls.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("UNIERASE_DATA", ROOT.parent / "shared" / "data")).resolve()

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from baselines.data import PairedUnlearningDataset, collate_paired, pair_indices, refusal_for
+from baselines.data import PairedUnlearningDataset, collate_paired, pair_indices
+from unierase.token import refusal_for
 from baselines.losses import (FORGET_TERMS, REGULARISERS, LossContext, ap_from_nll, npo_from_nll,
                               objective, sequence_nll, token_mean_ce)
 from baselines.module import UnlearningModule, needs_reference, required_parts
@@ -150,14 +151,6 @@ def test_pairing_matches_global_seed_draws():
             j = (i + torch.randint(0, 3600, (1,)).item()) % 3600
             k = torch.randint(0, 100, (1,)).item()
         assert pair_indices(i, 3600, 100) == (j, k)
-
-
-def test_refusal_for_spec_examples():
-    pool = [str(n) for n in range(100)]
-    assert refusal_for("abc", pool) == "74"
-    q = "What is the full name of the author born in Kuwait City, Kuwait on 08/09/1956?"
-    assert refusal_for(q, pool) == "35"
-    assert refusal_for(q, pool, salt="x") == refusal_for(q, pool, salt="x")
 
 
 # ------------------------------------------------- tiny model and training

@@ -31,7 +31,7 @@ def test_every_config_group_entry_composes(group, data_dir):
     assert entries, f"config group {group} is empty"
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for entry in entries:
-            cfg = compose("config", overrides=[f"{group}={entry}"], return_hydra_config=True)
+            cfg = compose("config", overrides=[f"{group}={entry}"])
             resolved = OmegaConf.to_container(cfg, resolve=True)
             assert resolved["stage"] in ("finetune", "unlearn", "eval")
 
@@ -39,7 +39,7 @@ def test_every_config_group_entry_composes(group, data_dir):
 def test_model_configs_validate_against_schema():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for entry in group_entries("model"):
-            cfg = compose("config", overrides=[f"model={entry}"])
+            cfg = compose("config", overrides=[f"model={entry}"] + (["model.path=some/dir"] if entry == "saved" else []))
             assert typed(cfg.model, ModelConfig).name == entry
 
 
@@ -164,3 +164,24 @@ def test_target_cache_hit_on_second_build(tiny, tiny_cfg, data_dir, tmp_path):
     assert not torch.equal(first.model.embed_tokens.weight, model.model.embed_tokens.weight)
     other, other_path = cached_finetune(model, tokenizer, "tiny", data[:1], recipe, tiny_cfg, QUIET, tmp_path, "target")
     assert other_path != path
+
+
+def test_saved_model_with_new_token_loads_with_plain_transformers(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unierase.models import save_model
+    from unierase.token import add_unlearning_tokens
+
+    model, tokenizer = tiny
+    (token_id,) = add_unlearning_tokens(model, tokenizer, 1, init_std=0.02, seed=0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.add_(0.01)  # stands in for an edit
+    save_model(model, tokenizer, tmp_path / "model")
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    ids = loaded_tokenizer("Who? <unlearn_0>", return_tensors="pt").input_ids
+    assert ids[0, -1].item() == token_id
+    assert loaded_tokenizer.decode(ids[0], skip_special_tokens=True).strip() == "Who?"
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids.to(model.device)).logits)

@@ -9,6 +9,7 @@ from transformers import PreTrainedModel
 
 from benchmarks.base import QA, Benchmark
 from unierase.context import RunContext
+from unierase.models import load_saved, save_model
 
 
 class Unlearner(ABC):
@@ -28,11 +29,13 @@ class Unlearner(ABC):
                 ctx: RunContext) -> PreTrainedModel:
         """Return the model with `request` unlearned (may be the same object, edited in place)."""
 
-    def save_state(self, directory: Path) -> None:
-        """Persist what the next request needs beyond the weights (nothing by default)."""
+    def save_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
+        """Persist the model and whatever the next request needs (default: the full weights)."""
+        save_model(model, tokenizer, directory / "model")
 
-    def load_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
-        """Restore what `save_state` wrote."""
+    def load_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> PreTrainedModel:
+        """Given the prepared starting model, return the model as it was when `save_state` ran."""
+        return load_saved(directory / "model", like=model)
 
     def metrics(self, model: PreTrainedModel) -> dict[str, float]:
         """Method-specific figures for the run's metrics (e.g. UniErase's edited fraction)."""

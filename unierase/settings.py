@@ -23,7 +23,7 @@ from unierase.context import RunContext
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.loggers import log_metrics
 from unierase.method import Unlearner
-from unierase.models import copy_model, load_saved, save_model
+from unierase.models import copy_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,10 @@ def run_batch(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchma
 
 
 def _state_dir(ctx: RunContext) -> Path:
-    """Keyed by the run's configuration (not its timestamped directory), so a rerun finds it."""
+    """Keyed by what determines the results (not the timestamped run directory), so a rerun finds it."""
     relevant = {k: v for k, v in OmegaConf.to_container(ctx.cfg, resolve=False).items()
-                if k not in ("hydra", "paths", "logger", "trainer")}
+                if k not in ("hydra", "paths", "logger", "trainer", "tags")}
+    relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k != "fail_after_round"}
     return ctx.cache_dir / "sequential" / stable_hash(relevant)
 
 
@@ -69,8 +70,7 @@ def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, be
     model = method.prepare(model, tokenizer, all_questions, benchmark, ctx)
     if (state / "progress.json").is_file():
         history = json.loads((state / "progress.json").read_text())["history"]
-        model = load_saved(state / "model", like=model)
-        method.load_state(state / "method", model, tokenizer)
+        model = method.load_state(state / "method", model, tokenizer)
         log.info("resuming sequential run from %s after round %d", state, len(history))
     for number in range(len(history) + 1, len(rounds) + 1):
         start = time.perf_counter()
@@ -83,8 +83,7 @@ def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, be
         history.append(metrics)
         log_metrics(ctx.loggers, metrics, step=number)
         with atomic_dir(state) as tmp:
-            save_model(model, tokenizer, tmp / "model")
-            method.save_state(tmp / "method")
+            method.save_state(tmp / "method", model, tokenizer)
             atomic_write_json(tmp / "progress.json", {"history": history})
         if cfg.fail_after_round == number:
             raise RuntimeError(f"setting.fail_after_round={number}: simulated failure")

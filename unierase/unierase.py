@@ -20,7 +20,7 @@ from unierase.context import RunContext
 from unierase.edit.alphaedit import EditConfig, EditRequest, EditState, apply_edits, edited_fraction
 from unierase.edit.statistics import nullspace_projectors, second_moments
 from unierase.method import Unlearner
-from unierase.models import autocast_dtype
+from unierase.models import ModelConfig, autocast_dtype
 from unierase.token import TokenArtifact, TokenConfig, artifact_key, train_unlearning_token
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class UniErase(Unlearner):
         self.artifact: TokenArtifact | None = None
         self.projectors: dict = {}
         self.state: EditState | None = None
+        self.model_cfg: ModelConfig | None = None
         self.timings: dict[str, float] = {}
         self.cache_hits: dict[str, bool] = {}
 
@@ -63,6 +64,7 @@ class UniErase(Unlearner):
     def prepare(self, model: PreTrainedModel, tokenizer: Any, questions: list[QA], benchmark: Benchmark,
                 ctx: RunContext) -> PreTrainedModel:
         start = time.perf_counter()
+        self.model_cfg = ctx.model_cfg
         if self.cfg.token.train_on == "generic":
             texts = benchmark.generic_questions[: self.cfg.generic_questions]
         else:
@@ -79,7 +81,7 @@ class UniErase(Unlearner):
             edit.mom2_chunk_tokens, edit.mom2_batch_size, ctx.cache_dir / "statistics", ctx.model_id,
             template, autocast_dtype(ctx.model_cfg) if model.device.type == "cpu" else None,
         )
-        self.cache_hits["statistics"] = moments.cached
+        self.cache_hits["statistics"] = moments.cache_hit
         self.projectors = nullspace_projectors(moments, edit.nullspace_threshold, edit.nullspace_mode,
                                                ctx.cache_dir / "statistics")
         self.timings["time.statistics_s"] = time.perf_counter() - start
@@ -100,15 +102,17 @@ class UniErase(Unlearner):
         self.timings["time.edit_s"] = self.timings.get("time.edit_s", 0.0) + time.perf_counter() - start
         return model
 
-    def save_state(self, directory: Path) -> None:
+    def save_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
+        """Only the edit state (weight deltas, past keys): the token model plus it rebuilds the weights."""
         self.state.save(directory / "edit")
 
-    def load_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
+    def load_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> PreTrainedModel:
         self.state = EditState.load(directory / "edit")
-        self.state.adopt(model, self.projectors, tokenizer, self.cfg.edit.module_template or "")
+        self.state.restore(model, tokenizer, self.projectors, self.model_cfg)
+        return model
 
     def metrics(self, model: PreTrainedModel) -> dict[str, float]:
-        template = self.cfg.edit.module_template or "model.layers.{}.mlp.down_proj"
+        template = self.cfg.edit.module_template or self.model_cfg.down_proj_template
         return {
             "unierase.edited_fraction": edited_fraction(model, self.cfg.edit.layers, template),
             "unierase.token_cached": float(self.cache_hits.get("token", False)),

@@ -1,0 +1,308 @@
+"""Stage B (AlphaEdit): worked examples of SPEC-unierase.md section 3, null-space property, the edit on the
+tiny model, statistics and projector caches, edit-state persistence and clear errors."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from unierase.edit.alphaedit import (
+    EditConfig, EditRequest, EditState, apply_edits, capture, clamp_norm, edited_fraction, encode,
+    generate_context_templates, layer_update, rewriting_texts, target_token_id, weight_decay_term,
+)
+from unierase.edit.statistics import (
+    corpus_chunks, null_space_projector, nullspace_projectors, read_documents, second_moments,
+)
+from unierase.models import chat_prompt, copy_model
+
+LAYERS = [1, 2]
+TEMPLATES = ["The weather is nice today. {}", "Because of this. {}"]
+QUESTIONS = [
+    ("Who is the author of the novel Basil Mahfouz?", "Basil Mahfouz"),
+    ("What genre does Jaime Vasquez write in?", "Jaime Vasquez"),
+    ("Where was Nikolai Abilov born?", "Nikolai Abilov"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices on 2 shared cores: extra threads only add contention (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def with_token(model, tokenizer) -> int:
+    """Add <unlearn_0> as Stage A leaves it: a row of ordinary size (HF's mean-resizing makes it ~0).
+
+    The embeddings are scaled so the random model's logits are not flat and one token can win clearly.
+    """
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<unlearn_0>"]})
+    model.resize_token_embeddings(len(tokenizer))
+    token_id = tokenizer.convert_tokens_to_ids("<unlearn_0>")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[token_id] = 0.02 * torch.randn(embeddings.shape[1], generator=generator)
+        embeddings *= 10
+    return token_id
+
+
+def requests(token_id: int, n: int = 3) -> list[EditRequest]:
+    return [EditRequest(q, s, token_id, f"r{i}") for i, (q, s) in enumerate(QUESTIONS[:n])]
+
+
+def identity_projectors(model) -> dict[int, torch.Tensor]:
+    m = model.config.intermediate_size
+    return {layer: torch.eye(m) for layer in LAYERS}
+
+
+def first_token(model, tokenizer, question: str, model_cfg) -> int:
+    ids = tokenizer(chat_prompt(tokenizer, question, model_cfg), add_special_tokens=False,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return int(model(input_ids=ids.to(model.device)).logits[0, -1].argmax())
+
+
+# ----------------------------------------------------------------------------- worked examples
+
+def test_projector_worked_example():
+    P = null_space_projector(torch.diag(torch.tensor([4.0, 0.01])), threshold=0.02)
+    assert torch.allclose(P, torch.diag(torch.tensor([0.0, 1.0])), atol=1e-6)
+    relative = null_space_projector(torch.diag(torch.tensor([4.0, 0.01])), threshold=0.02, mode="relative")
+    assert torch.allclose(relative, P, atol=1e-6)  # 0.02 * 4 = 0.08 keeps the same direction
+
+
+def test_projector_warns_on_degenerate_rank(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert torch.allclose(null_space_projector(torch.eye(3) * 1e-4, 0.02), torch.eye(3), atol=1e-6)
+        assert null_space_projector(torch.eye(3), 0.02).abs().max() == 0
+    assert "no knowledge is protected" in caplog.text and "every update will be zero" in caplog.text
+
+
+def test_closed_form_worked_example():
+    P, K, R = torch.diag(torch.tensor([0.0, 1.0])), torch.tensor([[1.0], [1.0]]), torch.tensor([[2.0]])
+    delta = layer_update(P, K, R, torch.zeros(2, 2), L2=1.0)
+    assert torch.allclose(delta, torch.tensor([[0.0, 1.0]]), atol=1e-6)
+    assert torch.allclose(delta @ torch.tensor([1.0, 0.0]), torch.zeros(1))  # preserved key untouched
+    assert torch.allclose(layer_update(P, K, R, torch.zeros(2, 2), L2=1e-6), torch.tensor([[0.0, 2.0]]),
+                          atol=1e-4)
+    with_past = layer_update(P, K, R, torch.diag(torch.tensor([0.0, 4.0])), L2=1.0)
+    assert torch.allclose(with_past, torch.tensor([[0.0, 1 / 3]]), atol=1e-6)
+
+
+def test_value_loss_worked_examples():
+    h0 = torch.tensor([4.0, 0.0])
+    assert weight_decay_term(torch.tensor([0.0, 2.0]), h0, 0.5).item() == pytest.approx(0.0625)
+    assert clamp_norm(torch.tensor([0.0, 6.0]), h0.norm(), 0.75).norm().item() == pytest.approx(3.0)
+    assert torch.equal(clamp_norm(torch.tensor([0.0, 2.0]), h0.norm(), 0.75), torch.tensor([0.0, 2.0]))
+
+
+def test_null_space_update_preserves_preserved_keys():
+    generator = torch.Generator().manual_seed(0)
+    m, d, r = 16, 8, 10
+    basis = torch.linalg.qr(torch.randn(m, r, generator=generator)).Q  # preserved keys span r dims
+    preserved = basis @ torch.randn(r, 500, generator=generator)
+    C0 = preserved @ preserved.T / preserved.shape[1]
+    P = null_space_projector(C0, threshold=1e-4)
+    assert round(float(P.trace())) == m - r
+    W = torch.randn(d, m, generator=generator)
+    K = torch.randn(m, 3, generator=generator)  # new keys, partly outside the preserved span
+    R = torch.randn(d, 3, generator=generator)
+    projected = layer_update(P, K, R, torch.zeros(m, m), L2=1e-3)
+    plain = layer_update(torch.eye(m), K, R, torch.zeros(m, m), L2=1e-3)
+    before = W @ preserved
+    assert ((W + projected) @ preserved - before).abs().max() < 1e-3 * before.abs().max()
+    assert ((W + plain) @ preserved - before).abs().max() > 0.1 * before.abs().max()
+    assert (projected @ K).norm() > 0.1 * R.norm()  # the projected update still moves the new keys
+
+
+# ----------------------------------------------------------------------------- the edit on the tiny model
+
+def test_edit_flips_first_token_and_touches_only_down_proj(tiny, tiny_cfg):
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    edit_requests = requests(token_id)
+    assert all(first_token(model, tokenizer, r.question, tiny_cfg) != token_id for r in edit_requests)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # A random model cannot route subject information to the answer position (see the test below for
+    # the subject keys), so this end-to-end check keys on the last prompt token (edit.key_position=last).
+    cfg = EditConfig(layers=LAYERS, key_position="last", v_steps=20, L2=1e-4, context_templates=TEMPLATES)
+    state = apply_edits(model, tokenizer, edit_requests, cfg, tiny_cfg, identity_projectors(model))
+    assert all(first_token(model, tokenizer, r.question, tiny_cfg) == token_id for r in edit_requests)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in LAYERS}
+    assert state.done == ["r0", "r1", "r2"] and state.token_ids == {"<unlearn_0>": token_id}
+    assert all(state.past_keys[layer].shape == (model.config.intermediate_size, 3) for layer in LAYERS)
+    d, m = model.config.hidden_size, model.config.intermediate_size
+    total = sum(p.numel() for p in model.parameters())
+    assert edited_fraction(model, LAYERS, tiny_cfg.down_proj_template) == pytest.approx(2 * d * m / total)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_subject_key_edit_realises_target_values(tiny, tiny_cfg, batch_size):
+    """After the update, h_L at each request's subject-last position equals its optimised z* (3.9)."""
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    cfg = EditConfig(layers=LAYERS, v_steps=10, L2=1e-4, batch_size=batch_size, context_templates=TEMPLATES)
+    edit_requests = requests(token_id)
+    state = apply_edits(model, tokenizer, edit_requests, cfg, tiny_cfg, identity_projectors(model))
+    assert all(entry["subject_key"] for entry in state.history)
+    for request, entry in zip(edit_requests, state.history):
+        enc = encode(tokenizer, rewriting_texts(tokenizer, request, [], cfg, tiny_cfg, use_subject=True))
+        _, h = capture(model, enc, {}, model.model.layers[LAYERS[-1]], batch_size=1)
+        # Request r0 must survive the later edits too: the past-key cache C protects it.
+        assert (h[0].cpu() - state.values[request.uid]).norm() < 0.05 * entry["delta_norm"]
+        assert entry["delta_norm"] > 0.05 * entry["h0_norm"]
+
+
+def test_subject_last_position_and_fallback(tiny, tiny_cfg):
+    _, tokenizer = tiny
+    cfg = EditConfig(layers=LAYERS, context_templates=TEMPLATES)
+    request = EditRequest("Is Basil Mahfouz Al-Kuwaiti a writer?", "Basil Mahfouz", 0, "x")
+    items = rewriting_texts(tokenizer, request, TEMPLATES, cfg, tiny_cfg, use_subject=True)
+    enc = encode(tokenizer, items)
+    for row in range(len(items)):
+        ids = enc.input_ids[row, : int(enc.lookup[row]) + 1].tolist()
+        assert tokenizer.decode(ids).endswith("Basil Mahfouz")
+    missing = EditRequest("Who wrote it?", "Basil Mahfouz", 0, "y")
+    fallback = encode(tokenizer, rewriting_texts(tokenizer, missing, [], cfg, tiny_cfg, use_subject=True))
+    assert int(fallback.lookup[0]) == int(fallback.last[0])
+
+
+def test_reference_layout_generated_templates_and_retain_protection(tiny, tiny_cfg):
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    cfg = EditConfig(layers=LAYERS, v_steps=3, batch_size=2, context_layout="reference", protect="retain_keys",
+                     protect_weight=2.0, seed=5)
+    retain = [("Who wrote the play Hamlet?", "Hamlet"), ("What is the capital of France?", None)]
+    expected_templates = generate_context_templates(model, tokenizer, seed=5)
+    state = apply_edits(model, tokenizer, requests(token_id), cfg, tiny_cfg, identity_projectors(model),
+                        retain=retain)
+    assert state.context_templates == expected_templates
+    assert all(state.protect_keys[layer].shape == (128, 2) for layer in LAYERS)
+    past, protect = state.past_keys[1], state.protect_keys[1]
+    assert torch.allclose(state.past_C(1), past @ past.T + 2.0 * protect @ protect.T, atol=1e-5)
+    text, span, _ = rewriting_texts(tokenizer, requests(token_id)[0], state.context_templates, cfg, tiny_cfg,
+                                    use_subject=True)[1]
+    assert text.startswith(state.context_templates[0][:-2]) and text[span[0]:span[1]] == "Basil Mahfouz"
+
+
+def test_context_templates_are_seeded(tiny):
+    model, tokenizer = tiny
+    first = generate_context_templates(model, tokenizer, seed=3)
+    assert first == generate_context_templates(model, tokenizer, seed=3)
+    assert len(first) == 5 and all(t.endswith(". {}") and t.count("{") == 1 for t in first)
+
+
+# ----------------------------------------------------------------------------- statistics and caches
+
+def test_corpus_reading(tmp_path):
+    path = tmp_path / "wiki.txt"
+    path.write_bytes(b" = First = \r\n A guest @-@ star , 1 @,@ 000 <unk> and 2 @.@ 5 . \r\n = = Part = = \r\n"
+                     b" More text . \r\n = Second = \r\n Other <unk> doc . \r\n")
+    assert list(read_documents(path)) == ["A guest-star , 1,000 and 2.5 .\nMore text .", "Other doc ."]
+
+
+def test_second_moments_skip_padding(tiny, tmp_path):
+    model, tokenizer = tiny
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(" = One = \n" + " words" * 40 + "\n = Two = \n short text here\n")
+    moments = second_moments(model, tokenizer, LAYERS, corpus, None, 16, 4, tmp_path / "cache", "tiny",
+                             "model.layers.{}.mlp.down_proj")
+    chunks = corpus_chunks(tokenizer, corpus, 16, None)
+    assert len({len(c) for c in chunks}) > 1  # the batch really holds padding
+    expected = {layer: torch.zeros(128, 128, device=model.device) for layer in LAYERS}
+    for chunk in chunks:  # one unpadded chunk at a time
+        grabbed = {}
+        handles = [model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+            lambda module, args, layer=layer: grabbed.__setitem__(layer, args[0][0])) for layer in LAYERS]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([chunk], device=model.device))
+        for handle in handles:
+            handle.remove()
+        for layer in LAYERS:
+            expected[layer] += grabbed[layer].T @ grabbed[layer]
+    assert moments.n_tokens == sum(len(c) for c in chunks)
+    for layer in LAYERS:
+        assert torch.allclose(moments.C0[layer], expected[layer].cpu() / moments.n_tokens, rtol=1e-4, atol=1e-9)
+
+
+def test_statistics_and_projector_cache_hit(tiny, data_dir, tmp_path):
+    model, tokenizer = tiny
+    corpus = data_dir / "corpus"
+    args = (tokenizer, LAYERS, corpus, 4, 32, 4, tmp_path, "tiny-test", "model.layers.{}.mlp.down_proj")
+    first = second_moments(model, *args)
+    assert not first.cache_hit and first.n_tokens == 4 * 32
+    assert first.C0[1].shape == (128, 128) and torch.allclose(first.C0[1], first.C0[1].T)
+
+    def refuse(*_):
+        raise AssertionError("the model ran although the statistics were cached")
+
+    handle = model.register_forward_pre_hook(refuse)
+    try:
+        second = second_moments(model, *args)
+    finally:
+        handle.remove()
+    assert second.cache_hit and second.n_tokens == first.n_tokens
+    assert all(torch.equal(first.C0[layer], second.C0[layer]) for layer in LAYERS)
+    P = nullspace_projectors(first, 0.5, "relative", tmp_path)
+    assert (tmp_path / next(p.name for p in tmp_path.iterdir() if p.name.startswith("nullspace-"))).is_dir()
+    again = nullspace_projectors(second, 0.5, "relative", tmp_path)
+    assert all(torch.equal(P[layer], again[layer]) for layer in LAYERS)
+    assert sum(p.name.startswith("nullspace-") for p in tmp_path.iterdir()) == 1
+
+
+def test_edit_state_round_trip_and_resume(tiny, tiny_cfg, tmp_path):
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    base = copy_model(model)
+    cfg = EditConfig(layers=LAYERS, key_position="last", v_steps=4, L2=1e-4, context_templates=TEMPLATES)
+    projectors = identity_projectors(model)
+    state = apply_edits(model, tokenizer, requests(token_id, 2), cfg, tiny_cfg, projectors)
+    state.save(tmp_path / "state")
+
+    loaded = EditState.load(tmp_path / "state")
+    with pytest.raises(ValueError, match="projector"):
+        loaded.restore(copy_model(base), tokenizer, {layer: 0.5 * P for layer, P in projectors.items()}, tiny_cfg)
+    loaded.restore(base, tokenizer, projectors, tiny_cfg)
+    for (name, p), (_, q) in zip(model.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), name
+    assert all(torch.equal(state.past_keys[layer], loaded.past_keys[layer]) for layer in LAYERS)
+    assert loaded.done == state.done and loaded.context_templates == TEMPLATES
+
+    # Resuming from disk gives what the uninterrupted run gives; done requests are skipped.
+    apply_edits(model, tokenizer, requests(token_id), cfg, tiny_cfg, projectors, state=state)
+    apply_edits(base, tokenizer, requests(token_id), cfg, tiny_cfg, projectors, state=loaded)
+    assert loaded.done == ["r0", "r1", "r2"] and len(loaded.history) == 3
+    for layer in LAYERS:
+        assert torch.allclose(state.delta[layer], loaded.delta[layer], rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_clear_errors(tiny, tiny_cfg, tmp_path):
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    projectors = identity_projectors(model)
+    bad = EditConfig(layers=LAYERS, module_template="model.layers.{}.mlp.nope", context_templates=[])
+    with pytest.raises(ValueError, match="model.layers.1.mlp.nope"):
+        apply_edits(model, tokenizer, requests(token_id, 1), bad, tiny_cfg, projectors)
+    with pytest.raises(ValueError, match="model.layers.7.mlp.down_proj"):
+        apply_edits(model, tokenizer, requests(token_id, 1), EditConfig(layers=[7]), tiny_cfg, {7: projectors[1]})
+    with pytest.raises(ValueError, match="no module"):
+        second_moments(model, tokenizer, LAYERS, tmp_path, 1, 8, 1, tmp_path, "x", "model.layers.{}.mlp.nope")
+    with pytest.raises(ValueError, match="single token"):
+        apply_edits(model, tokenizer, [EditRequest("Q?", None, "<unlearn_0>", "z")], EditConfig(layers=LAYERS),
+                    tiny_cfg, projectors)
+    with pytest.raises(ValueError, match="retain questions"):
+        apply_edits(model, tokenizer, requests(token_id, 1), EditConfig(layers=LAYERS, protect="retain_keys"),
+                    tiny_cfg, projectors)
+    with pytest.raises(ValueError, match="key_position"):
+        EditConfig(key_position="first")
+    with pytest.raises(ValueError, match="not a single token"):
+        target_token_id(tokenizer, "I do not know")
+    assert target_token_id(tokenizer, "<unlearn_0>") == token_id

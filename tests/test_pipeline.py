@@ -1,0 +1,111 @@
+"""End to end through the Hydra config and `run`, on the tiny model: settings, methods, run directories."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from unierase.run import CONFIG_DIR, run
+
+from conftest import CACHE_ROOT
+
+FAST = [
+    "experiment=smoke", "logger=none", "trainer.enable_progress_bar=false", "eval.families=[cl]",
+    "eval.max_rows=2", "eval.cl_max_length=140", "target.build_retain_reference=false",
+]
+TINY_UNIERASE = [
+    "method=unierase", "method.token.phase1.epochs=1", "method.token.phase2.epochs=1",
+    "method.token.phase3.epochs=1", "method.token.perturb.layers=[1]", "method.edit.layers=[1,2]",
+    "method.edit.mom2_n_samples=4", "method.edit.mom2_chunk_tokens=128", "method.edit.v_steps=2",
+    "benchmark.split=forget01",
+]
+
+
+def isolated_cache(tmp_path: Path) -> Path:
+    """A fresh cache that shares only the dequantised tokenizer source (made once per machine)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "base_models").symlink_to(CACHE_ROOT / "base_models", target_is_directory=True)
+    return cache
+
+
+def run_job(tmp_path: Path, overrides: list[str], cache: Path, name: str = "run") -> tuple[dict, Path]:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=FAST + overrides + [f"paths.cache_dir={cache}"])
+    run_dir = tmp_path / name
+    return run(cfg, run_dir), run_dir
+
+
+def test_batch_baseline_writes_the_run_directory(tmp_path, data_dir):
+    metrics, run_dir = run_job(tmp_path, ["method=ga_gd", "benchmark.retain_authors=1"], isolated_cache(tmp_path))
+    for name in ("config_resolved.yaml", "versions.json", "metrics.json", "eval/knowledge.forget.jsonl",
+                 "eval/knowledge.json", "model/model.safetensors", "model/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["cl.forget.rouge"] == metrics["cl.forget.rouge"] and "time.total_s" in saved
+    assert len((run_dir / "eval/knowledge.forget.jsonl").read_text().splitlines()) == 2
+    versions = json.loads((run_dir / "versions.json").read_text())
+    assert versions["packages"]["torch"] and versions["device"] == "cpu"
+
+
+def test_unierase_batch_edits_and_reuses_caches(tmp_path, data_dir):
+    cache = isolated_cache(tmp_path)
+    first, run_dir = run_job(tmp_path, TINY_UNIERASE, cache, "first")
+    assert first["unierase.token_cached"] == 0.0 and first["unierase.statistics_cached"] == 0.0
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    layer_share = 2 * model.model.layers[1].mlp.down_proj.weight.numel() / sum(p.numel() for p in model.parameters())
+    assert first["unierase.edited_fraction"] == pytest.approx(layer_share)
+    assert "<unlearn_0>" in tokenizer.get_vocab()
+    second, _ = run_job(tmp_path, TINY_UNIERASE, cache, "second")
+    assert second["unierase.token_cached"] == 1.0 and second["unierase.statistics_cached"] == 1.0
+    # same token, statistics and edit: the same model and metrics
+    assert second["cl.forget.prob"] == pytest.approx(first["cl.forget.prob"], rel=1e-5)
+
+
+def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, data_dir):
+    overrides = ["method=ga_gd", "setting=sequential", "setting.rounds=3", "benchmark.known_forget=forget10",
+                 "benchmark.retain_authors=0", "eval.max_rows=2"]
+    straight, straight_dir = run_job(tmp_path, overrides, isolated_cache(tmp_path), "straight")
+    cache = isolated_cache(tmp_path / "interrupted")
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        run_job(tmp_path, overrides + ["setting.fail_after_round=2"], cache, "failed")
+    state = next((cache / "sequential").iterdir())
+    assert json.loads((state / "progress.json").read_text())["history"][-1]["round"] == 2
+    assert not [p for p in state.parent.iterdir() if p.name.startswith(".")]  # no half-written state
+    resumed, resumed_dir = run_job(tmp_path, overrides, cache, "resumed")
+    assert resumed["rounds"] == 3
+    rounds = json.loads((resumed_dir / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    expected = json.loads((straight_dir / "rounds.json").read_text())
+    for key in ("cl.forget.rouge", "cl.forget.prob", "cl.forgotten.prob", "cl.retain.prob"):
+        assert rounds[-1][key] == pytest.approx(expected[-1][key], rel=1e-6), key
+    assert not (resumed_dir / "eval" / "round_01").exists()  # round 1 was not redone
+
+
+def test_precise_requests_one_pair_each(tmp_path, data_dir):
+    metrics, run_dir = run_job(tmp_path, ["method=ga_gd", "setting=precise", "setting.item_ids=[0,21]"],
+                               isolated_cache(tmp_path))
+    per_item = json.loads((run_dir / "precise.json").read_text())
+    assert [row["item"] for row in per_item] == [0, 21] and metrics["items"] == 2
+    for index in (0, 21):
+        notes = json.loads((run_dir / "eval" / f"item_{index}" / "knowledge.json").read_text())["notes"]
+        assert notes["rows"]["forget"] == 1
+        assert notes["rows"]["siblings"] == 2  # eval.max_rows caps the 19 siblings
+
+
+def test_precise_siblings_and_survival_ratio_on_a_hand_built_case():
+    from benchmarks.base import QA, Benchmark
+    from unierase.settings import _ratio, siblings
+
+    rows = [QA(uid=f"u{i}", question=f"q{i}", answer="a", group="A" if i < 3 else "B") for i in range(5)]
+    bench = Benchmark(name="t", forget=rows, retain_train=[], eval_splits={}, target_train=None)
+    assert [qa.uid for qa in siblings(bench, rows[1])] == ["u0", "u2"]
+    assert [qa.uid for qa in siblings(bench, rows[4])] == ["u3"]
+    # siblings ROUGE 0.45 after vs 0.9 before: half of the author's other knowledge survives
+    assert _ratio(0.45, 0.9) == pytest.approx(0.5)
+    assert _ratio(None, 0.9) is None and _ratio(0.3, 0.0) is None
