@@ -28,7 +28,7 @@ TINY_UNIERASE = [
 def isolated_cache(tmp_path: Path) -> Path:
     """A fresh cache that shares only the dequantised tokenizer source (made once per machine)."""
     cache = tmp_path / "cache"
-    cache.mkdir()
+    cache.mkdir(parents=True)
     (cache / "base_models").symlink_to(CACHE_ROOT / "base_models", target_is_directory=True)
     return cache
 
@@ -69,7 +69,7 @@ def test_unierase_batch_edits_and_reuses_caches(tmp_path, data_dir):
 
 def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, data_dir):
     overrides = ["method=ga_gd", "setting=sequential", "setting.rounds=3", "benchmark.known_forget=forget10",
-                 "benchmark.retain_authors=0", "eval.max_rows=2"]
+                 "benchmark.retain_authors=1", "eval.max_rows=2"]
     straight, straight_dir = run_job(tmp_path, overrides, isolated_cache(tmp_path), "straight")
     cache = isolated_cache(tmp_path / "interrupted")
     with pytest.raises(RuntimeError, match="simulated failure"):
