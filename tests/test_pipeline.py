@@ -15,7 +15,7 @@ from conftest import CACHE_ROOT
 
 FAST = [
     "experiment=smoke", "logger=none", "trainer.enable_progress_bar=false", "eval.families=[cl]",
-    "eval.max_rows=2", "eval.cl_max_length=70", "target.build_retain_reference=false",
+    "eval.max_rows=2", "eval.cl_max_length=70", "target.build_retain_reference=false", "recipe.epochs=1",
 ]
 TINY_UNIERASE = [
     "method=unierase", "method.token.phase1.epochs=1", "method.token.phase2.epochs=1",
