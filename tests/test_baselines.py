@@ -171,15 +171,6 @@ def random_texts(g: torch.Generator, n: int, length: int) -> list[str]:
     return [" ".join(map(str, torch.randint(3, VOCAB, (length,), generator=g).tolist())) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The models are tiny: one thread avoids OpenMP spinning on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup():
     g = torch.Generator().manual_seed(0)

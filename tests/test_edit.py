@@ -25,15 +25,6 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices on 2 shared cores: extra threads only add contention (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def with_token(model, tokenizer) -> int:
     """Add <unlearn_0> as Stage A leaves it: a row of ordinary size (HF's mean-resizing makes it ~0).
 

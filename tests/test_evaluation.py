@@ -32,15 +32,6 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model is latency-bound: on 2 shared cores extra threads only contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def varied():
     """A tiny random Llama whose larger init makes greedy outputs vary (the default one repeats "\\n")."""
@@ -207,7 +198,7 @@ def test_utility_data_errors_name_file_and_line(tmp_path):
     bad_csv = utility / "mmlu" / "test" / "x_test.csv"
     # Record 1 spans lines 1-2 (a quoted newline), so the 5-column record 2 starts on line 3.
     bad_csv.write_text('"Two\nlines?",a,b,c,d,A\nq,a,b,c,B\n', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"x_test\.csv:3: expected 6 columns"):
+    with pytest.raises(DataError, match=r"x_test\.csv:3: expected 6 columns"):
         load_mmlu(utility)
     (utility / "gsm8k.jsonl").write_text('{"question": "q", "answer": "#### 4"}\n{"question": \n', encoding="utf-8")
     with pytest.raises(DataError, match=r"gsm8k\.jsonl:2: malformed JSON"):
