@@ -11,11 +11,14 @@ from omegaconf import OmegaConf
 
 from benchmarks.real_world import RealWorldConfig, load_real_world
 from benchmarks.tofu import TofuConfig, load_tofu
-from unierase.context import typed
+from unierase.context import BENCHMARKS, typed
+from unierase.evaluation.knowledge import EvalConfig
 from unierase.finetune import FinetuneConfig, cached_finetune, finetune
 from unierase.io import DataError, read_jsonl
 from unierase.models import ModelConfig, chat_prompt, encode_qa, package_dir, turn_end_id
-from unierase.run import CONFIG_DIR
+from unierase.objective import ObjectiveConstraint
+from unierase.run import CONFIG_DIR, METHODS
+from unierase.settings import SettingConfig
 from unierase.training import TrainerConfig
 
 QUIET = TrainerConfig(enable_progress_bar=False, precision="32-true")
@@ -25,7 +28,21 @@ def group_entries(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["model", "benchmark", "method", "setting", "eval", "logger", "trainer", "experiment"])
+def validate_schemas(cfg) -> None:
+    """Every node `run` types, against its dataclass: a preset key the code does not read fails here."""
+    if not OmegaConf.is_missing(cfg.model, "path"):  # model=saved needs model.path from the command line
+        typed(cfg.model, ModelConfig)
+    typed(cfg.benchmark, BENCHMARKS[cfg.benchmark.name][0])
+    typed(cfg.method, METHODS[cfg.method.kind][0])
+    for node, schema in ((cfg.setting, SettingConfig), (cfg.eval, EvalConfig), (cfg.trainer, TrainerConfig),
+                         (cfg.objective_constraint, ObjectiveConstraint)):
+        typed(node, schema)
+    # `target` is read through a masked copy (RunContext.finetuned): check its keys explicitly.
+    assert set(cfg.target) <= set(FinetuneConfig.__dataclass_fields__) | {"build_retain_reference"}
+
+
+@pytest.mark.parametrize("group", ["model", "benchmark", "method", "setting", "eval", "logger", "trainer", "experiment",
+                                   "hparams_search"])
 def test_every_config_group_entry_composes(group, data_dir):
     entries = group_entries(group)
     assert entries, f"config group {group} is empty"
@@ -34,6 +51,7 @@ def test_every_config_group_entry_composes(group, data_dir):
             cfg = compose("config", overrides=[f"{group}={entry}"])
             resolved = OmegaConf.to_container(cfg, resolve=True)
             assert resolved["stage"] in ("finetune", "unlearn", "eval")
+            validate_schemas(cfg)
 
 
 def test_model_configs_validate_against_schema():

@@ -6,6 +6,7 @@ half-written file or directory behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -53,14 +54,30 @@ def atomic_write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; it becomes `target` only if the block succeeds."""
+    """Yield a temporary sibling directory; it becomes `target` only if the block succeeds.
+
+    Safe with concurrent writers of one target (parallel sweep jobs building the same cached model):
+    each replaces the previous version whole, so `target` is always one complete version.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        for _ in range(100):
+            try:
+                os.replace(tmp, target)  # atomic; refused while `target` is a non-empty directory
+                return
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            # Move the previous version aside (a rename onto an empty directory), then retry.
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+            try:
+                os.replace(target, old)
+            except FileNotFoundError:
+                pass  # another writer moved it first
+            shutil.rmtree(old, ignore_errors=True)
+        raise OSError(f"could not replace {target}: other writers kept replacing it")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -24,6 +24,7 @@ from unierase.io import atomic_write_json
 from unierase.loggers import finish, log_metrics, make_loggers
 from unierase.method import Unlearner
 from unierase.models import ModelConfig
+from unierase.objective import ObjectiveConstraint, objective_value
 from unierase.run_dir import write_run_header
 from unierase.settings import SETTINGS, Evaluator, SettingConfig
 from unierase.training import TrainerConfig
@@ -132,8 +133,13 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+def main(cfg: DictConfig) -> float | None:
+    """Run one job; with `optimized_metric` set, return the objective to the sweeper (conf/hparams_search)."""
+    constraint = typed(cfg.objective_constraint, ObjectiveConstraint)  # a bad constraint fails before the run
+    metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    if cfg.optimized_metric is None:
+        return None
+    return objective_value(metrics, cfg.optimized_metric, constraint)
 
 
 if __name__ == "__main__":
