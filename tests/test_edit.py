@@ -9,7 +9,8 @@ import torch
 
 from unierase.edit.alphaedit import (
     EditConfig, EditRequest, EditState, apply_edits, capture, clamp_norm, edited_fraction, encode,
-    generate_context_templates, layer_update, rewriting_texts, target_token_id, weight_decay_term,
+    generate_context_templates, kl_text, layer_update, optimise_values, rewriting_texts, target_token_id,
+    weight_decay_term,
 )
 from unierase.edit.statistics import (
     corpus_chunks, null_space_projector, nullspace_projectors, read_documents, second_moments,
@@ -147,6 +148,34 @@ def test_subject_key_edit_realises_target_values(tiny, tiny_cfg, batch_size):
         # Request r0 must survive the later edits too: the past-key cache C protects it.
         assert (h[0].cpu() - state.values[request.uid]).norm() < 0.05 * entry["delta_norm"]
         assert entry["delta_norm"] > 0.05 * entry["h0_norm"]
+
+
+def test_batched_values_equal_one_request_at_a_time(tiny, tiny_cfg):
+    """z* optimised for a chunk of requests at once equals each request optimised alone (3.6)."""
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    values, histories = {}, {}
+    for batch_size in (1, 3):
+        cfg = EditConfig(layers=LAYERS, key_position="last", v_steps=8, batch_size=batch_size,
+                         context_templates=TEMPLATES, early_stop_loss=1e-9)
+        values[batch_size], histories[batch_size] = {}, []
+        for start in range(0, 3, batch_size):  # z* only: every chunk sees the unchanged model
+            chunk = requests(token_id)[start:start + batch_size]
+            items, owner, is_kl = [], [], []
+            for r, request in enumerate(chunk):
+                texts = rewriting_texts(tokenizer, request, TEMPLATES, cfg, tiny_cfg, use_subject=False)
+                items += texts + [kl_text(request, False)]
+                owner += [r] * (len(texts) + 1)
+                is_kl += [False] * len(texts) + [True]
+            Z, infos = optimise_values(model, encode(tokenizer, items), torch.tensor(owner), torch.tensor(is_kl),
+                                       [r.target_id for r in chunk], model.model.layers[LAYERS[-1]], cfg)
+            for r, request in enumerate(chunk):
+                values[batch_size][request.uid] = Z[:, r]
+                histories[batch_size].append(infos[r])
+    for uid in values[1]:
+        assert torch.allclose(values[1][uid], values[3][uid], atol=1e-4, rtol=1e-4)
+    assert [h["steps"] for h in histories[1]] == [h["steps"] for h in histories[3]] == [7, 7, 7]
+    assert all(h["delta_norm"] > 0 for h in histories[3])
 
 
 def test_subject_last_position_and_fallback(tiny, tiny_cfg):

@@ -377,39 +377,58 @@ def group_mean(rows: Tensor, n_requests: int) -> Tensor:
 # ----------------------------------------------------------------------------- the algorithm
 
 def weight_decay_term(delta: Tensor, h0: Tensor, weight: float) -> Tensor:
-    """lambda_wd * ||delta|| / ||h0||^2: the norm, not squared, over the squared norm [REF]."""
-    return weight * delta.norm() / h0.norm() ** 2
+    """lambda_wd * ||delta|| / ||h0||^2 per row: the norm, not squared, over the squared norm [REF]."""
+    return weight * delta.norm(dim=-1) / h0.norm(dim=-1) ** 2
 
 
 def clamp_norm(delta: Tensor, h0_norm: float | Tensor, factor: float) -> Tensor:
-    """Rescale delta to norm factor * ||h0|| when it is longer."""
-    limit = factor * h0_norm
-    norm = delta.norm()
-    return delta * (limit / norm) if norm > limit else delta
+    """Rescale each row of delta to norm factor * ||h0|| when it is longer."""
+    limit = factor * torch.as_tensor(h0_norm, dtype=delta.dtype, device=delta.device)
+    if limit.dim() == 1:
+        limit = limit.unsqueeze(-1)
+    norm = delta.norm(dim=-1, keepdim=True)
+    return torch.where(norm > limit, delta * (limit / norm), delta)
 
 
-def optimise_value(model: torch.nn.Module, enc: Encoded, target_id: int, h_module: torch.nn.Module,
-                   cfg: EditConfig) -> tuple[Tensor, dict[str, float]]:
-    """z* = h0 + delta at layer L: rows 0..n-1 are rewriting inputs, the last row the KL input (3.6)."""
+def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: Tensor, target_ids: Sequence[int],
+                    h_module: torch.nn.Module, cfg: EditConfig) -> tuple[Tensor, list[dict[str, float]]]:
+    """z*_r = h0_r + delta_r at layer L for a chunk of requests at once (3.6), d x n.
+
+    Row i of `enc` belongs to request `owner[i]`: its rewriting inputs (T_0 first), then one KL input
+    (`is_kl`). The requests' losses are summed, so each delta_r gets exactly its own gradient, and Adam is
+    element-wise: this equals optimising each request alone, with one batched forward per step. A request
+    stops (its delta frozen) once its loss is below `early_stop_loss`.
+    """
     run_device = next(model.parameters()).device
     enc = Encoded(*(t.to(run_device) for t in (enc.input_ids, enc.attention_mask, enc.lookup, enc.last)))
+    owner, is_kl = owner.to(run_device), is_kl.to(run_device)
+    n = len(target_ids)
     rows = torch.arange(len(enc.last), device=run_device)
-    n_rewrite = len(rows) - 1
-    delta = torch.zeros(model.config.hidden_size, device=run_device, requires_grad=True)
+    rewrite, kl_rows = rows[~is_kl], rows[is_kl]
+    if not torch.equal(owner[kl_rows], torch.arange(n, device=run_device)):
+        raise ValueError("each request needs exactly one KL row, in request order")
+    first = torch.stack([rewrite[owner[rewrite] == r][0] for r in range(n)])  # T_0 row of each request
+    targets = torch.as_tensor(list(target_ids), device=run_device)
+    rewrite_count = torch.bincount(owner[rewrite], minlength=n).float()
+    delta = torch.zeros(n, model.config.hidden_size, device=run_device, requires_grad=True)
     h0: Tensor | None = None
 
     def add_delta(module: torch.nn.Module, args: tuple, output: Any) -> Any:
         nonlocal h0
         hidden = _hidden(output)
         if h0 is None:
-            h0 = hidden[0, enc.lookup[0]].detach().float()
-        hidden = hidden.index_put((rows, enc.lookup), hidden[rows, enc.lookup] + delta.to(hidden.dtype))
+            h0 = hidden[first, enc.lookup[first]].detach().float()
+        hidden = hidden.index_put((rows, enc.lookup), hidden[rows, enc.lookup] + delta[owner].to(hidden.dtype))
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     # Only these positions need logits: the vocabulary projection dominates the cost otherwise.
-    keep = torch.unique(torch.cat([enc.last[:n_rewrite], enc.lookup[-1:]]))
+    keep = torch.unique(torch.cat([enc.last[rewrite], enc.lookup[kl_rows]]))
+    rewrite_pos = torch.searchsorted(keep, enc.last[rewrite])
+    kl_pos = torch.searchsorted(keep, enc.lookup[kl_rows])
     optimiser = torch.optim.Adam([delta], lr=cfg.v_lr)
     kl_initial: Tensor | None = None
+    active = torch.ones(n, dtype=torch.bool, device=run_device)
+    infos: list[dict[str, float]] = [{} for _ in range(n)]
     # Autocast only speeds up the forward/backward; delta, the loss and z* stay float32.
     autocast = (torch.autocast(run_device.type, dtype=getattr(torch, cfg.value_autocast))
                 if cfg.value_autocast else contextlib.nullcontext())
@@ -417,23 +436,33 @@ def optimise_value(model: torch.nn.Module, enc: Encoded, target_id: int, h_modul
         for step in range(cfg.v_steps):
             with autocast:
                 logits = forward(model, enc, logits_to_keep=keep).logits
-            last = torch.searchsorted(keep, enc.last[:n_rewrite])
-            rewrite_log_probs = logits[rows[:n_rewrite], last].float().log_softmax(-1)
-            nll = -rewrite_log_probs[:, target_id].mean()
-            kl_log_probs = logits[-1, torch.searchsorted(keep, enc.lookup[-1])].float().log_softmax(-1)
+            rewrite_log_probs = logits[rewrite, rewrite_pos].float().log_softmax(-1)
+            token_nll = -rewrite_log_probs[torch.arange(len(rewrite), device=run_device), targets[owner[rewrite]]]
+            nll = torch.zeros(n, device=run_device).index_add(0, owner[rewrite], token_nll) / rewrite_count
+            kl_log_probs = logits[kl_rows, kl_pos].float().log_softmax(-1)
             if kl_initial is None:
                 kl_initial = kl_log_probs.detach()
-            kl = (kl_log_probs.exp() * (kl_log_probs - kl_initial)).sum()  # KL(current || initial)
+            kl = (kl_log_probs.exp() * (kl_log_probs - kl_initial)).sum(-1)  # KL(current || initial)
             loss = nll + cfg.kl_factor * kl + weight_decay_term(delta, h0, cfg.v_weight_decay)
-            if loss.item() < cfg.early_stop_loss or step == cfg.v_steps - 1:
-                break  # the last iteration measures but does not step [REF]
-            (delta.grad,) = torch.autograd.grad(loss, delta)
+            # A request stops at its first loss below the threshold, or at the last step, which
+            # measures but does not step [REF].
+            stopping = active & ((loss.detach() < cfg.early_stop_loss) | (step == cfg.v_steps - 1))
+            for r in stopping.nonzero().flatten().tolist():
+                infos[r] = {"loss": loss[r].item(), "nll": nll[r].item(), "steps": step}
+            active &= ~stopping
+            if not active.any():
+                break
+            (grad,) = torch.autograd.grad(loss[active].sum(), delta)
+            frozen_rows = delta.detach()[~active].clone()
+            delta.grad = grad
             optimiser.step()
             with torch.no_grad():
-                delta.copy_(clamp_norm(delta, h0.norm(), cfg.clamp_norm_factor))
-    info = {"loss": loss.item(), "nll": nll.item(), "steps": step, "delta_norm": delta.norm().item(),
-            "h0_norm": h0.norm().item()}
-    return h0 + delta.detach(), info
+                delta[~active] = frozen_rows  # Adam momentum would otherwise keep moving finished rows
+                delta.copy_(clamp_norm(delta, h0.norm(dim=1), cfg.clamp_norm_factor))
+    z = h0 + delta.detach()
+    for r in range(n):
+        infos[r] |= {"delta_norm": delta[r].norm().item(), "h0_norm": h0[r].norm().item()}
+    return z.T.contiguous(), infos
 
 
 def layer_update(P: Tensor, K: Tensor, R: Tensor, C: Tensor, L2: float) -> Tensor:
@@ -477,16 +506,18 @@ def edit_chunk(run: _Run, chunk: list[EditRequest], state: EditState) -> None:
     """One closed-form update for a chunk: all z* on the unchanged model, then the layers in order."""
     layers = state.layers
     pairs = [(r.question, r.subject) for r in chunk]
-    targets = []
-    for request in chunk:
-        use = uses_subject(run.tokenizer, request, run.cfg, run.model_cfg)
-        enc = encode(run.tokenizer, rewriting_texts(run.tokenizer, request, run.templates, run.cfg,
-                                                    run.model_cfg, use) + [kl_text(request, use)])
-        z, info = optimise_value(run.model, enc, request.target_id, run.h_module, run.cfg)
-        targets.append(z)
-        state.values[request.uid] = z.cpu()
+    items, owner, is_kl = [], [], []
+    uses = [uses_subject(run.tokenizer, r, run.cfg, run.model_cfg) for r in chunk]
+    for r, (request, use) in enumerate(zip(chunk, uses)):
+        texts = rewriting_texts(run.tokenizer, request, run.templates, run.cfg, run.model_cfg, use)
+        items += texts + [kl_text(request, use)]
+        owner += [r] * (len(texts) + 1)
+        is_kl += [False] * len(texts) + [True]
+    Z, infos = optimise_values(run.model, encode(run.tokenizer, items), torch.tensor(owner), torch.tensor(is_kl),
+                               [r.target_id for r in chunk], run.h_module, run.cfg)  # d x n
+    for r, (request, use, info) in enumerate(zip(chunk, uses, infos)):
+        state.values[request.uid] = Z[:, r].cpu()
         state.history.append({"uid": request.uid, "subject_key": use, **info})
-    Z = torch.stack(targets, dim=1)  # d x n
     for i, layer in enumerate(layers):
         keys, current = request_keys(run, pairs, [layer], with_values=True)
         R = (Z - current) / (len(layers) - i)  # this layer's share of what is still missing
