@@ -94,11 +94,16 @@ def main() -> None:
         model = load_saved(args.model)
     bench = load_tofu(TofuConfig(data_dir=str(args.data), retain_authors=2))
     prompts = [chat_prompt(tokenizer, qa.question, SMOLLM2) for qa in bench.target_train[: args.prompts]]
-    results = {
-        "generation (32 TOFU prompts, 64 new tokens)": generation(model, tokenizer, prompts, 64, 16),
-        "training loop (8 steps of 8 QA)": training_loop(model, tokenizer, bench.target_train, 8),
-        "statistics (32 chunks x 1024 tokens, layers 4-8)": statistics(model, tokenizer, args.data, cache / "bench"),
+    sections = {
+        f"generation ({len(prompts)} TOFU prompts, 64 new tokens)": lambda: generation(model, tokenizer, prompts, 64, 16),
+        "training loop (8 steps of 8 QA)": lambda: training_loop(model, tokenizer, bench.target_train, 8),
+        "statistics (32 chunks x 1024 tokens, layers 4-8)": lambda: statistics(model, tokenizer, args.data,
+                                                                                cache / "bench"),
     }
+    results = {}
+    for name, measure in sections.items():
+        results[name] = measure()
+        print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     env = versions()
     lines = ["# Benchmarks", "", f"Command: `python -m benchmarks.perf{' --model ' + str(args.model) if args.model else ''}`",

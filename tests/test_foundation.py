@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from benchmarks.real_world import RealWorldConfig, load_real_world
+from benchmarks.real_world import RealWorldConfig, load_real_world, with_answers
 from benchmarks.tofu import TofuConfig, load_tofu
 from unierase.context import BENCHMARKS, typed
 from unierase.evaluation.knowledge import EvalConfig
@@ -203,3 +203,29 @@ def test_saved_model_with_new_token_loads_with_plain_transformers(tiny, tmp_path
     assert loaded_tokenizer.decode(ids[0], skip_special_tokens=True).strip() == "Who?"
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids.to(model.device)).logits)
+
+
+def test_real_world_answers_regenerated_once_and_reused(tiny, tiny_cfg, data_dir, tmp_path, monkeypatch):
+    import unierase.references as references
+
+    model, tokenizer = tiny
+    bench = load_real_world(RealWorldConfig(data_dir=str(data_dir), people=1))
+    calls = []
+    real_generate = references.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(references, "generate", counting_generate)
+    first = references.regenerate_references(model, tokenizer, bench, "tiny", tiny_cfg, 4, tmp_path / "cache",
+                                             tmp_path / "run1")
+    second = references.regenerate_references(model, tokenizer, bench, "tiny", tiny_cfg, 4, tmp_path / "cache",
+                                              tmp_path / "run2")
+    questions = references.benchmark_questions(bench)
+    assert calls == [len(questions)] and first == second and set(first) == set(questions)
+    assert (tmp_path / "run2" / "reference_answers.jsonl").read_text().count("\n") == len(questions)
+    swapped = with_answers(bench, first)
+    assert [qa.answer for qa in swapped.forget] == [first[qa.question] for qa in bench.forget]
+    assert swapped.forget[0].paraphrased_answer == bench.forget[0].paraphrased_answer
+    assert [qa.answer for qa in swapped.rounds[0]] == [qa.answer for qa in swapped.forget[:20]]

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from baselines.method import BaselineConfig, FinetuneUnlearner
 from benchmarks.base import QA, Benchmark
+from benchmarks.real_world import with_answers
 from unierase.context import RunContext, load_benchmark, typed
 from unierase.evaluation.knowledge import EvalConfig, evaluate_knowledge, read_forget_truth_ratios
 from unierase.evaluation.utility import evaluate_utility
@@ -25,6 +26,7 @@ from unierase.loggers import finish, log_metrics, make_loggers
 from unierase.method import Unlearner
 from unierase.models import ModelConfig
 from unierase.objective import ObjectiveConstraint, objective_value
+from unierase.references import regenerate_references
 from unierase.run_dir import write_run_header
 from unierase.settings import SETTINGS, Evaluator, SettingConfig
 from unierase.training import TrainerConfig
@@ -82,10 +84,20 @@ def retain_reference_truth_ratios(ctx: RunContext, base, tokenizer, benchmark: B
     return read_forget_truth_ratios(out_dir)
 
 
+def model_references(ctx: RunContext, target, tokenizer, benchmark: Benchmark) -> Benchmark:
+    """With `benchmark.regenerate_answers` (real-world), score against the target's own answers."""
+    if not ctx.cfg.benchmark.get("regenerate_answers", False):
+        return benchmark
+    answers = regenerate_references(target, tokenizer, benchmark, ctx.model_id, ctx.model_cfg,
+                                    ctx.cfg.benchmark.answer_max_new_tokens, ctx.cache_dir, ctx.run_dir)
+    return with_answers(benchmark, answers)
+
+
 def stage_unlearn(ctx: RunContext) -> dict:
     base, tokenizer = ctx.load_base()
     benchmark = load_benchmark(ctx.cfg.benchmark)
     target, ctx.model_id = ctx.target(base, tokenizer, benchmark)
+    benchmark = model_references(ctx, target, tokenizer, benchmark)
     retain_tr = retain_reference_truth_ratios(ctx, base, tokenizer, benchmark) if "ou" in ctx.cfg.eval.families else None
     setting = typed(ctx.cfg.setting, SettingConfig)
     if setting.name not in SETTINGS:
