@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from conftest import tiny_config
 from unierase.io import read_lines
-from unierase.models import chat_prompt, load_model, turn_end_id
+from unierase.models import chat_prompt, encode_qa, load_model, turn_end_id
 from unierase.token import (IGNORE, GroupBatchSampler, PerturbConfig, PhaseConfig, TokenArtifact,
                             TokenConfig, TruncationError, UnlearningTokenModule, add_unlearning_tokens,
                             forced_token_generation, mask_labels, num_tokens, perturbation_noise,
@@ -235,6 +235,63 @@ def test_untied_share_rules(tiny_cfg, cache_root):
             assert torch.allclose(art.output_rows[0], init[0]) and not torch.allclose(art.input_rows[0], init[0])
         else:  # ê_u drawn separately and trained
             assert not torch.allclose(art.output_rows[0], init[1]) and not torch.allclose(art.output_rows[0], init[0])
+
+
+def test_untie_output_on_a_tied_model(tiny, tiny_cfg, tmp_path):
+    """untie_output: the tied model gets its own lm_head; the original rows of both stay bit-identical,
+    the new output row trains apart from the input row (share=false), and a fresh tied model re-applies it."""
+    from transformers import AutoModelForCausalLM
+
+    from unierase.models import save_model
+
+    model, tok = tiny
+    embedding_before = model.get_input_embeddings().weight.detach().clone()
+    vocab = embedding_before.shape[0]
+    cfg = quick_cfg(untie_output=True, share=False, phase2=PhaseConfig(0, 1e-3), sanity_questions=0)
+    cfg.perturb.mode = "none"
+    art = train_unlearning_token(model, tok, ["Who wrote it?"], ["No idea."], cfg, tiny_cfg, TRAINER, [])
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert head is not embedding and not art.tied and not model.config.tie_word_embeddings
+    assert torch.equal(embedding[:vocab], embedding_before) and torch.equal(head[:vocab], embedding_before)
+    assert not torch.allclose(art.output_rows, art.input_rows)
+    save_model(model, tok, tmp_path / "model")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert torch.equal(reloaded.lm_head.weight, head.detach()) and not reloaded.config.tie_word_embeddings
+    fresh, fresh_tok = load_model(tiny_cfg, tmp_path / "cache", seed=0)
+    art.apply(fresh, fresh_tok)
+    assert torch.equal(fresh.lm_head.weight[vocab:], art.output_rows)
+    assert torch.equal(fresh.get_input_embeddings().weight[vocab:], art.input_rows)
+
+
+def test_output_anchors_push_the_output_row_down(tiny, tiny_cfg, cache_root):
+    """An anchor batch (no U in it) still trains its group's output row, lowering p(U) at every answer token."""
+    model, tok = tiny
+    anchors = [("What is two plus two?", "Four, of course."), ("Name a colour.", "Blue is a colour.")]
+    from unierase.models import untie_output_embeddings
+
+    untie_output_embeddings(model)
+    ids = add_unlearning_tokens(model, tok, 1, 0.5, seed=0, share=False)
+    rows = model.get_input_embeddings().weight.detach()[ids].float()
+    out_rows = model.get_output_embeddings().weight.detach()[ids].float()
+    module = UnlearningTokenModule(model, ids, rows, out_rows)
+    batch = stack([encode_qa(tok, q, a, tiny_cfg, 64) | {"group": torch.tensor([0])} for q, a in anchors])
+    answer = batch["labels"][:, 1:] != IGNORE
+
+    def p_token() -> torch.Tensor:
+        module.write_rows()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits.log_softmax(-1)[:, :-1][answer][:, ids[0]].exp()
+
+    before = p_token()
+    module.loss(batch).backward()
+    assert module.rows[0].grad is None or not module.rows[0].grad.any()  # U is not an input here
+    with torch.no_grad():
+        module.out_rows[0] -= 10.0 * module.out_rows[0].grad
+    assert (p_token() < before).all()
+    with pytest.raises(ValueError, match="output row that trains"):
+        train_unlearning_token(*load_model(tiny_config(tie_word_embeddings=False), cache_root, seed=0), ["Q?"],
+                               ["No."], quick_cfg(output_anchors=1, share=True), tiny_cfg, TRAINER, [], anchors)
 
 
 def test_truncation_error(tiny, tiny_cfg):

@@ -138,6 +138,22 @@ def copy_model(model: PreTrainedModel) -> PreTrainedModel:
     return copy.deepcopy(model).eval()
 
 
+def untie_output_embeddings(model: PreTrainedModel) -> None:
+    """Give a tied model its own lm_head (a copy of the embedding), so the two can differ from now on.
+
+    Saved afterwards with `tie_word_embeddings=false`, so plain transformers reloads it untied.
+    """
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    if head is None or head.weight is not embedding.weight:
+        return
+    head.weight = torch.nn.Parameter(embedding.weight.detach().clone(), requires_grad=embedding.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text_config is not None:
+        text_config.tie_word_embeddings = False
+
+
 def module_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module:
     try:
         return model.get_submodule(name)

@@ -34,7 +34,9 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AddedToken, PreTrainedModel
 
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
-from unierase.models import ModelConfig, chat_prompt, end_of_turn_ids, module_by_name
+from unierase.models import (
+    ModelConfig, chat_prompt, encode_qa, end_of_turn_ids, module_by_name, untie_output_embeddings,
+)
 from unierase.training import TensorDictDataset, TrainerConfig, make_trainer
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,19 @@ class TokenConfig:
     samples_per_token: int = 400
     init_std: float | None = None  # None = the model's initializer_range
     share: bool = True  # untied models: the lm_head row is a frozen copy of the initial e_u
+    # [PROJ] Tied models only: give the model its own lm_head first. A tied row is both the input that
+    # steers the model and an output logit, so on small models its growth makes U appear inside
+    # ordinary answers; untied, it behaves as on an untied model (with `share` as above).
+    untie_output: bool = False
+    # [PROJ] Ordinary QA pairs (the retain set) added to every phase with their own answers as labels.
+    # Only an output row that trains (tied, or untied with share=false) learns from them: it is pushed
+    # down wherever U is not the answer, so U does not leak into ordinary answers. 0 = the reference.
+    output_anchors: int = 0
     refusal_pool: str = "idontknow_100"  # idontknow_100 | reference_99; the caller resolves it to lines
     refusal_salt: str = ""
+    # [PROJ] Use only the first n lines of the pool (null = all). One row of a small model cannot
+    # encode a 100-way pseudo-random choice; the refusal style is what must be learned.
+    refusal_lines: int | None = None
     max_length: int = 128
     batch_size: int = 16
     phase1: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=5, lr=1e-3))
@@ -99,6 +112,10 @@ class TokenConfig:
             raise ValueError(f"token.on_truncation='{self.on_truncation}' is not error | skip")
         if self.train_on not in ("forget", "generic"):
             raise ValueError(f"token.train_on='{self.train_on}' is not forget | generic")
+        if self.refusal_lines is not None and self.refusal_lines < 1:
+            raise ValueError("token.refusal_lines must be >= 1 or null")
+        if self.output_anchors < 0:
+            raise ValueError("token.output_anchors must be >= 0")
         return self
 
     @classmethod
@@ -231,9 +248,10 @@ def chat_text(tokenizer: Any, question: str, answer: str, model_cfg: ModelConfig
 
 def token_example(
     tokenizer: Any, question: str, refusal: str, token: str, fmt: str, max_length: int,
-    model_cfg: ModelConfig,
+    model_cfg: ModelConfig, group: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """One training item (§2.4–2.5) as 1-D tensors `input_ids`, `attention_mask`, `labels`.
+    """One training item (§2.4–2.5) as tensors `input_ids`, `attention_mask`, `labels` and `group`
+    (the index of the token whose rows the item trains).
 
     plain: `q + U + r + U`, the tokenizer's default special tokens (BOS where the tokenizer adds one);
     chat: the chat template with assistant `U + r + U`, tokenised with add_special_tokens=False.
@@ -260,6 +278,7 @@ def token_example(
         "input_ids": torch.tensor(padded),
         "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
         "labels": torch.tensor(labels),
+        "group": torch.tensor([group]),
     }
 
 
@@ -379,7 +398,7 @@ class UnlearningTokenModule(L.LightningModule):
         )
         slot = self.lookup[input_ids]
         is_new = slot >= 0
-        present = torch.unique(slot[is_new])
+        present = torch.unique(torch.cat([slot[is_new], batch["group"].flatten()]))  # anchors carry no U
         rows = self._stack(self.rows, present)
         embeds = self.model.get_input_embeddings()(input_ids)
         embeds = torch.where(is_new.unsqueeze(-1), rows[slot.clamp(min=0)].to(embeds.dtype), embeds)
@@ -509,8 +528,11 @@ class TokenArtifact:
         A tokenizer that already holds the tokens at the same ids (e.g. a saved enlarged model) is
         accepted as is. Output rows: a tied model uses the input rows (refused if the artifact has
         different untied output rows); an untied model gets `output_rows`, or the input rows when
-        the artifact was trained on a tied model (the share rule).
+        the artifact was trained on a tied model (the share rule). An artifact trained with
+        `untie_output` unties a tied model first.
         """
+        if self.config.get("untie_output"):
+            untie_output_embeddings(model)
         hidden = model.get_input_embeddings().weight.shape[1]
         if hidden != self.input_rows.shape[1]:
             raise ValueError(f"artifact rows have width {self.input_rows.shape[1]}, the model {hidden}")
@@ -537,11 +559,13 @@ class TokenArtifact:
 
 
 def artifact_key(model_id: str, cfg: TokenConfig, questions: Sequence[str], pool: Sequence[str],
-                 model_cfg: ModelConfig, perturb_layers: Sequence[int]) -> str:
+                 model_cfg: ModelConfig, perturb_layers: Sequence[int],
+                 anchors: Sequence[tuple[str, str]] = ()) -> str:
     """Cache key of a token artifact: model identity, token config, the exact data and format."""
     return stable_hash({
         "model": model_id, "token": asdict(cfg), "questions": list(questions), "pool": list(pool),
         "format": [model_cfg.system_prompt, model_cfg.date_string], "perturb_layers": list(perturb_layers),
+        "anchors": [list(pair) for pair in anchors[: cfg.output_anchors]],
     })
 
 
@@ -596,18 +620,23 @@ def _fit(module: UnlearningTokenModule, dataset: TensorDictDataset, groups: list
 def train_unlearning_token(
     model: PreTrainedModel, tokenizer: Any, questions: list[str], pool: list[str], cfg: TokenConfig,
     model_cfg: ModelConfig, trainer_cfg: TrainerConfig, perturb_layers: list[int],
+    anchors: Sequence[tuple[str, str]] = (),
 ) -> TokenArtifact:
     """Stage A end to end (§2): add K tokens, run the three phases, write the rows into `model`.
 
     `questions` are the forget questions (or generic ones with `train_on=generic`, which always uses
     one universal token); `pool` is the refusal pool; `perturb_layers` are the edit layers (used for
-    phase 3 unless `cfg.perturb.layers` is set). `model` and `tokenizer` are modified in place:
+    phase 3 unless `cfg.perturb.layers` is set); `anchors` are (question, answer) pairs of which the
+    first `cfg.output_anchors` join every phase. `model` and `tokenizer` are modified in place:
     afterwards the tokens exist and their trained rows are in the embedding (and untied lm_head).
     """
     cfg.validate()
     if not questions:
         raise ValueError("no questions to train the unlearning token on")
+    pool = list(pool)[: cfg.refusal_lines]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.untie_output:
+        untie_output_embeddings(model)
     tied = _is_tied(model)
     share = cfg.share
     if tied and not share:
@@ -625,7 +654,7 @@ def train_unlearning_token(
         j = token_of_index(i)
         refusal = refusal_for(question, pool, cfg.refusal_salt)
         try:
-            pair = [token_example(tokenizer, question, refusal, tokens[j], fmt, cfg.max_length, model_cfg)
+            pair = [token_example(tokenizer, question, refusal, tokens[j], fmt, cfg.max_length, model_cfg, j)
                     for fmt in FORMATS]
         except TruncationError as err:
             if cfg.on_truncation == "error":
@@ -642,11 +671,21 @@ def train_unlearning_token(
         token_of[question] = tokens[j]
     if not plain:
         raise ValueError("every item was skipped by truncation")
-    n = len(plain)
-    phase1 = TensorDictDataset(plain)
-    groups1 = [[i for i in range(n) if group_of[i] == j] for j in range(count)]
-    phase2 = TensorDictDataset(plain + chat)  # plain followed by chat, per token group
-    groups2 = [g + [n + i for i in g] for g in groups1]
+    if cfg.output_anchors and not tied and share:
+        raise ValueError("token.output_anchors needs an output row that trains: a tied model, or share=false")
+    if len(anchors) < cfg.output_anchors:
+        raise ValueError(f"token.output_anchors={cfg.output_anchors} but only {len(anchors)} anchor pairs given")
+    # Anchors are spread over the token groups; an anchor batch updates its group's rows.
+    anchor_items = [encode_qa(tokenizer, q, a, model_cfg, cfg.max_length) | {"group": torch.tensor([i % count])}
+                    for i, (q, a) in enumerate(anchors[: cfg.output_anchors])]
+    n, n_anchor = len(plain), len(anchor_items)
+    phase1 = TensorDictDataset(plain + anchor_items)
+    anchors_of = [[n + i for i in range(n_anchor) if i % count == j] for j in range(count)]
+    groups1 = [[i for i in range(n) if group_of[i] == j] + anchors_of[j] for j in range(count)]
+    # plain followed by chat, then the anchors, per token group
+    phase2 = TensorDictDataset(plain + anchor_items + chat)
+    groups2 = [[i for i in range(n) if group_of[i] == j] + [n + n_anchor + i for i in range(n) if group_of[i] == j]
+               + anchors_of[j] for j in range(count)]
 
     emb = model.get_input_embeddings().weight
     index = torch.as_tensor(ids, device=emb.device)

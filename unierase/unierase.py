@@ -48,7 +48,9 @@ class UniErase(Unlearner):
     def _token(self, model: PreTrainedModel, tokenizer: Any, questions: list[str], benchmark: Benchmark,
                ctx: RunContext) -> TokenArtifact:
         cfg = self.cfg.token
-        key = artifact_key(ctx.model_id, cfg, questions, benchmark.refusals, ctx.model_cfg, self.cfg.edit.layers)
+        anchors = [(qa.question, qa.training_answer) for qa in benchmark.retain_train]
+        key = artifact_key(ctx.model_id, cfg, questions, benchmark.refusals, ctx.model_cfg, self.cfg.edit.layers,
+                           anchors)
         directory = ctx.cache_dir / "tokens" / f"{cfg.train_on}-{key}"
         self.cache_hits["token"] = (directory / "token.json").is_file()
         if self.cache_hits["token"]:
@@ -57,7 +59,7 @@ class UniErase(Unlearner):
             artifact.apply(model, tokenizer)
             return artifact
         artifact = train_unlearning_token(model, tokenizer, questions, benchmark.refusals, cfg, ctx.model_cfg,
-                                          ctx.trainer_cfg, self.cfg.edit.layers)
+                                          ctx.trainer_cfg, self.cfg.edit.layers, anchors)
         artifact.save(directory, model)
         return artifact
 
