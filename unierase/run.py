@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         loggers=make_loggers(cfg, run_dir),
     )
     start = time.perf_counter()
-    result = STAGES[cfg.stage](ctx) | {"time.total_s": time.perf_counter() - start}
+    result = STAGES[cfg.stage](ctx) | {"time.total_s": time.perf_counter() - start,
+                                       "memory.peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
     atomic_write_json(run_dir / "metrics.json", result)
     finish(ctx.loggers, result)
     return result
