@@ -122,7 +122,7 @@ def main() -> None:
     env = versions()
     lines = ["# Benchmarks", "", f"Command: `python -m benchmarks.perf{' --model ' + str(args.model) if args.model else ''}`",
              f"Machine: {env['platform']}, {os.cpu_count()} CPUs, torch {env['packages']['torch']}, "
-             f"device {env['device']}, bf16 autocast.", "", "| comparison | figures | ratio |", "|---|---|---|"]
+             f"device {env['device']}, {torch.get_num_threads()} torch thread(s), bf16 autocast.", "", "| comparison | figures | ratio |", "|---|---|---|"]
     for name, figures in results.items():
         shown = ", ".join(f"{k} {v:.1f}" for k, v in figures.items() if not k.startswith(("ratio", "speedup")))
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k.startswith(("ratio", "speedup")))
