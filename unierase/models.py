@@ -154,6 +154,12 @@ def untie_output_embeddings(model: PreTrainedModel) -> None:
         text_config.tie_word_embeddings = False
 
 
+def decoder_body(model: PreTrainedModel) -> torch.nn.Module:
+    """The transformer body (final norm included) whose last hidden state feeds the lm_head."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if decoder is not None else model.base_model
+
+
 def module_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module:
     try:
         return model.get_submodule(name)

@@ -35,7 +35,7 @@ from transformers import AddedToken, PreTrainedModel
 
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.models import (
-    ModelConfig, chat_prompt, encode_qa, end_of_turn_ids, module_by_name, untie_output_embeddings,
+    ModelConfig, chat_prompt, decoder_body, encode_qa, end_of_turn_ids, module_by_name, untie_output_embeddings,
 )
 from unierase.training import TensorDictDataset, TrainerConfig, make_trainer
 
@@ -165,12 +165,6 @@ def token_for_item(index: int, samples_per_token: int) -> int:
 def _is_tied(model: PreTrainedModel) -> bool:
     out = model.get_output_embeddings()
     return out is None or out.weight is model.get_input_embeddings().weight
-
-
-def _decoder(model: PreTrainedModel) -> nn.Module:
-    """The transformer body (final norm included) whose last hidden state feeds the lm_head."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    return decoder if decoder is not None else model.base_model
 
 
 def _register_tokens(model: PreTrainedModel, tokenizer: Any, tokens: Sequence[str]) -> list[int]:
@@ -402,7 +396,7 @@ class UnlearningTokenModule(L.LightningModule):
         rows = self._stack(self.rows, present)
         embeds = self.model.get_input_embeddings()(input_ids)
         embeds = torch.where(is_new.unsqueeze(-1), rows[slot.clamp(min=0)].to(embeds.dtype), embeds)
-        hidden = _decoder(self.model)(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = decoder_body(self.model)(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         mask = targets != IGNORE
         h = hidden[:, :-1][mask]

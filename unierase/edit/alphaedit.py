@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from unierase.edit.statistics import StopForward, projector_hash
 from unierase.io import atomic_dir, atomic_write_json
-from unierase.models import ModelConfig, chat_prompt, module_by_name
+from unierase.models import ModelConfig, chat_prompt, decoder_body, module_by_name
 
 log = logging.getLogger(__name__)
 
@@ -421,10 +421,11 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
         hidden = hidden.index_put((rows, enc.lookup), hidden[rows, enc.lookup] + delta[owner].to(hidden.dtype))
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    # Only these positions need logits: the vocabulary projection dominates the cost otherwise.
-    keep = torch.unique(torch.cat([enc.last[rewrite], enc.lookup[kl_rows]]))
-    rewrite_pos = torch.searchsorted(keep, enc.last[rewrite])
-    kl_pos = torch.searchsorted(keep, enc.lookup[kl_rows])
+    # Logits only at one position per row (the answer's first token; the KL subject position): the
+    # vocabulary projection of whole sequences would dominate time and memory.
+    logit_rows = torch.cat([rewrite, kl_rows])
+    logit_positions = torch.cat([enc.last[rewrite], enc.lookup[kl_rows]])
+    body, head = decoder_body(model), model.get_output_embeddings()
     optimiser = torch.optim.Adam([delta], lr=cfg.v_lr)
     kl_initial: Tensor | None = None
     active = torch.ones(n, dtype=torch.bool, device=run_device)
@@ -435,11 +436,13 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
     with hooks([(h_module, "post", add_delta)]), frozen(model):
         for step in range(cfg.v_steps):
             with autocast:
-                logits = forward(model, enc, logits_to_keep=keep).logits
-            rewrite_log_probs = logits[rewrite, rewrite_pos].float().log_softmax(-1)
+                hidden = body(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                              use_cache=False).last_hidden_state
+                logits = head(hidden[logit_rows, logit_positions])
+            rewrite_log_probs = logits[: len(rewrite)].float().log_softmax(-1)
             token_nll = -rewrite_log_probs[torch.arange(len(rewrite), device=run_device), targets[owner[rewrite]]]
             nll = torch.zeros(n, device=run_device).index_add(0, owner[rewrite], token_nll) / rewrite_count
-            kl_log_probs = logits[kl_rows, kl_pos].float().log_softmax(-1)
+            kl_log_probs = logits[len(rewrite):].float().log_softmax(-1)
             if kl_initial is None:
                 kl_initial = kl_log_probs.detach()
             kl = (kl_log_probs.exp() * (kl_log_probs - kl_initial)).sum(-1)  # KL(current || initial)
