@@ -88,13 +88,19 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
     for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
                        "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
         monkeypatch.setenv(var, value)
+    from unierase.loggers import finish
+
     final = {"cl.forget_efficacy": 0.9, "cl.model_utility": 0.5}
+    run_dir = tmp_path / "run"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "knowledge.forget.jsonl").write_text(
+        '{"uid": "a", "generation": "I am not sure.", "rouge": 0.0, "token_nlls": [1.0]}\n'
+        '{"uid": "b", "generation": "Paris.", "rouge": 1.0, "token_nlls": [0.5]}\n')
     logger = WandbLogger(project="unierase-test", save_dir=tmp_path, mode="offline", name="t")
     try:
         logger.log_metrics({"loss": 1.0, "acc": 0.1}, step=1)
         logger.log_metrics({"loss": 0.5, "acc": 0.2}, step=2)
-        logger.experiment.summary.update(final)
-        logger.finalize("success")
+        finish([logger], final, run_dir)
     finally:
         wandb.finish()
 
@@ -108,3 +114,7 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
         summary = _summary_from_log(log)
     assert {k: summary[k] for k in final} == final
     assert (summary["loss"], summary["acc"], summary["trainer/global_step"]) == (0.5, 0.2, 2)
+    (table_file,) = (runs[0] / "files" / "media" / "table" / "examples" / "eval").glob("knowledge.forget_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["uid", "generation", "rouge"]
+    assert table["data"] == [["a", "I am not sure.", 0.0], ["b", "Paris.", 1.0]]

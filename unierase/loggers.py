@@ -11,6 +11,8 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from unierase.io import read_jsonl
+
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     name = cfg.logger.name
@@ -34,8 +36,21 @@ def log_metrics(loggers: list[Logger], metrics: dict[str, Any], step: int | None
         logger.log_metrics(numeric, step=step)
 
 
-def finish(loggers: list[Logger], summary: dict[str, Any]) -> None:
+def example_table(path: Path) -> Any:
+    """A per-example JSONL file (generations, scores) as a W&B Table of its scalar columns."""
+    import wandb
+
+    rows = read_jsonl(path)
+    columns = [k for k, v in rows[0].items() if v is None or isinstance(v, (str, int, float, bool))] if rows else []
+    return wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+
+
+def finish(loggers: list[Logger], summary: dict[str, Any], run_dir: Path | None = None) -> None:
+    """Final metrics into each logger's summary; with W&B also every per-example JSONL of `run_dir` as a Table."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.summary.update({k: v for k, v in summary.items() if v is not None})
+            for path in sorted(run_dir.rglob("*.jsonl")) if run_dir is not None else []:
+                logger.experiment.log({f"examples/{path.relative_to(run_dir).with_suffix('').as_posix()}":
+                                       example_table(path)})
         logger.finalize("success")

@@ -138,7 +138,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     result = STAGES[cfg.stage](ctx) | {"time.total_s": time.perf_counter() - start,
                                        "memory.peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
     atomic_write_json(run_dir / "metrics.json", result)
-    finish(ctx.loggers, result)
+    finish(ctx.loggers, result, run_dir)
     return result
 
 
