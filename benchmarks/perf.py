@@ -41,7 +41,8 @@ def generation(model, tokenizer, prompts: list[str], new_tokens: int, batch_size
         bare_tokens += out.shape[1] - ids.input_ids.shape[1]
     bare_s = time.perf_counter() - start
     # The same batches through a bare left-padded `model.generate` (no engine bookkeeping).
-    tokenizer.padding_side, side = "left", tokenizer.padding_side
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
     start, batched_tokens = time.perf_counter(), 0
     for first in range(0, len(prompts), batch_size):
         ids = tokenizer(prompts[first:first + batch_size], add_special_tokens=False, return_tensors="pt", padding=True)

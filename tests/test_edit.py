@@ -9,8 +9,8 @@ import torch
 
 from unierase.edit.alphaedit import (
     EditConfig, EditRequest, EditState, apply_edits, capture, clamp_norm, edited_fraction, encode,
-    generate_context_templates, kl_text, layer_update, optimise_values, rewriting_texts, target_token_id,
-    weight_decay_term,
+    generate_context_templates, layer_update, optimise_values, rewriting_texts, target_token_id,
+    value_inputs, weight_decay_term,
 )
 from unierase.edit.statistics import (
     corpus_chunks, null_space_projector, nullspace_projectors, read_documents, second_moments,
@@ -161,14 +161,9 @@ def test_batched_values_equal_one_request_at_a_time(tiny, tiny_cfg):
         values[batch_size], histories[batch_size] = {}, []
         for start in range(0, 3, batch_size):  # z* only: every chunk sees the unchanged model
             chunk = requests(token_id)[start:start + batch_size]
-            items, owner, is_kl = [], [], []
-            for r, request in enumerate(chunk):
-                texts = rewriting_texts(tokenizer, request, TEMPLATES, cfg, tiny_cfg, use_subject=False)
-                items += texts + [kl_text(request, False)]
-                owner += [r] * (len(texts) + 1)
-                is_kl += [False] * len(texts) + [True]
-            Z, infos = optimise_values(model, encode(tokenizer, items), torch.tensor(owner), torch.tensor(is_kl),
-                                       [r.target_id for r in chunk], model.model.layers[LAYERS[-1]], cfg)
+            enc, owner, is_kl, _ = value_inputs(tokenizer, chunk, TEMPLATES, cfg, tiny_cfg)
+            Z, infos = optimise_values(model, enc, owner, is_kl, [r.target_id for r in chunk],
+                                       model.model.layers[LAYERS[-1]], cfg)
             for r, request in enumerate(chunk):
                 values[batch_size][request.uid] = Z[:, r]
                 histories[batch_size].append(infos[r])

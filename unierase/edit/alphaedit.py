@@ -505,19 +505,30 @@ def request_keys(run: _Run, requests: Sequence[tuple[str, str | None]], layers: 
     return keys, h.view(len(requests), -1, h.shape[-1])[:, 0].T.contiguous()  # h_L on T_0 only
 
 
+def value_inputs(tokenizer: Any, chunk: Sequence[EditRequest], templates: list[str], cfg: EditConfig,
+                 model_cfg: ModelConfig) -> tuple[Encoded, Tensor, Tensor, list[bool]]:
+    """The value-optimisation batch of a chunk: per request its rewriting inputs, then its KL input.
+
+    Returns the encoded rows, each row's request index, the KL-row mask and per request whether it
+    is keyed on the subject.
+    """
+    items, owner, is_kl = [], [], []
+    uses = [uses_subject(tokenizer, r, cfg, model_cfg) for r in chunk]
+    for r, (request, use) in enumerate(zip(chunk, uses)):
+        texts = rewriting_texts(tokenizer, request, templates, cfg, model_cfg, use)
+        items += texts + [kl_text(request, use)]
+        owner += [r] * (len(texts) + 1)
+        is_kl += [False] * len(texts) + [True]
+    return encode(tokenizer, items), torch.tensor(owner), torch.tensor(is_kl), uses
+
+
 def edit_chunk(run: _Run, chunk: list[EditRequest], state: EditState) -> None:
     """One closed-form update for a chunk: all z* on the unchanged model, then the layers in order."""
     layers = state.layers
     pairs = [(r.question, r.subject) for r in chunk]
-    items, owner, is_kl = [], [], []
-    uses = [uses_subject(run.tokenizer, r, run.cfg, run.model_cfg) for r in chunk]
-    for r, (request, use) in enumerate(zip(chunk, uses)):
-        texts = rewriting_texts(run.tokenizer, request, run.templates, run.cfg, run.model_cfg, use)
-        items += texts + [kl_text(request, use)]
-        owner += [r] * (len(texts) + 1)
-        is_kl += [False] * len(texts) + [True]
-    Z, infos = optimise_values(run.model, encode(run.tokenizer, items), torch.tensor(owner), torch.tensor(is_kl),
-                               [r.target_id for r in chunk], run.h_module, run.cfg)  # d x n
+    enc, owner, is_kl, uses = value_inputs(run.tokenizer, chunk, run.templates, run.cfg, run.model_cfg)
+    Z, infos = optimise_values(run.model, enc, owner, is_kl, [r.target_id for r in chunk], run.h_module,
+                               run.cfg)  # d x n
     for r, (request, use, info) in enumerate(zip(chunk, uses, infos)):
         state.values[request.uid] = Z[:, r].cpu()
         state.history.append({"uid": request.uid, "subject_key": use, **info})
