@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unierase.edit.alphaedit import (
-    EditConfig, EditRequest, EditState, apply_edits, capture, clamp_norm, edited_fraction, encode,
+    EditConfig, EditRequest, EditState, Encoded, append_targets, apply_edits, capture, clamp_norm, edited_fraction, encode,
     generate_context_templates, layer_update, optimise_values, rewriting_texts, target_token_id,
     value_inputs, weight_decay_term,
 )
@@ -162,7 +162,7 @@ def test_batched_values_equal_one_request_at_a_time(tiny, tiny_cfg):
         for start in range(0, 3, batch_size):  # z* only: every chunk sees the unchanged model
             chunk = requests(token_id)[start:start + batch_size]
             enc, owner, is_kl, _ = value_inputs(tokenizer, chunk, TEMPLATES, cfg, tiny_cfg)
-            Z, infos = optimise_values(model, enc, owner, is_kl, [r.target_id for r in chunk],
+            Z, infos = optimise_values(model, enc, owner, is_kl, [[r.target_id] for r in chunk],
                                        model.model.layers[LAYERS[-1]], cfg)
             for r, request in enumerate(chunk):
                 values[batch_size][request.uid] = Z[:, r]
@@ -171,6 +171,41 @@ def test_batched_values_equal_one_request_at_a_time(tiny, tiny_cfg):
         assert torch.allclose(values[1][uid], values[3][uid], atol=1e-4, rtol=1e-4)
     assert [h["steps"] for h in histories[1]] == [h["steps"] for h in histories[3]] == [7, 7, 7]
     assert all(h["delta_norm"] > 0 for h in histories[3])
+
+
+def test_append_targets_worked_example():
+    """Rewriting rows get the target minus its last token; the KL row is untouched (value_target)."""
+    enc = Encoded(input_ids=torch.tensor([[5, 6, 0], [5, 6, 4], [3, 0, 0]]),
+                  attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]),
+                  lookup=torch.tensor([0, 1, 0]), last=torch.tensor([1, 2, 0]))
+    owner, is_kl = torch.tensor([0, 0, 0]), torch.tensor([False, False, True])
+    extended, rows, positions, labels = append_targets(enc, owner, is_kl, [[7, 8, 9]])
+    assert extended.input_ids.tolist() == [[5, 6, 7, 8, 0], [5, 6, 4, 7, 8], [3, 0, 0, 0, 0]]
+    assert extended.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert rows.tolist() == [0, 0, 0, 1, 1, 1] and labels.tolist() == [7, 8, 9, 7, 8, 9]
+    assert positions.tolist() == [1, 2, 3, 2, 3, 4] and extended.lookup.tolist() == [0, 1, 0]
+    single, rows, positions, labels = append_targets(enc, owner, is_kl, [[7]])
+    assert torch.equal(single.input_ids, enc.input_ids[:, :3]) and positions.tolist() == [1, 2]
+
+
+def test_continuation_target_is_optimised(tiny, tiny_cfg):
+    """value_target=token_continuation: z* lowers the NLL of U and the tokens after it; with the spec's
+    one-token target the continuation is ignored."""
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    continuation = tuple(tokenizer("I do not know", add_special_tokens=False).input_ids) + (token_id,)
+    request = EditRequest(*QUESTIONS[0], token_id, "r0", continuation)
+    results = {}
+    for value_target in ("token", "token_continuation"):
+        cfg = EditConfig(layers=LAYERS, key_position="last", v_steps=15, context_templates=TEMPLATES,
+                         value_target=value_target, early_stop_loss=1e-9)
+        assert len(request.target_sequence(cfg)) == (1 if value_target == "token" else 1 + len(continuation))
+        enc, owner, is_kl, _ = value_inputs(tokenizer, [request], TEMPLATES, cfg, tiny_cfg)
+        results[value_target] = optimise_values(model, enc, owner, is_kl, [request.target_sequence(cfg)],
+                                                model.model.layers[LAYERS[-1]], cfg)[1][0]
+    for info in results.values():  # a random model routes the one delta only weakly to later positions
+        assert info["nll"] < info["nll_start"] - 1.0
+    assert results["token_continuation"]["nll_start"] != pytest.approx(results["token"]["nll_start"])
 
 
 def test_subject_last_position_and_fallback(tiny, tiny_cfg):

@@ -21,7 +21,7 @@ from unierase.edit.alphaedit import EditConfig, EditRequest, EditState, apply_ed
 from unierase.edit.statistics import nullspace_projectors, second_moments
 from unierase.method import Unlearner
 from unierase.models import ModelConfig, autocast_dtype
-from unierase.token import TokenArtifact, TokenConfig, artifact_key, train_unlearning_token
+from unierase.token import TokenArtifact, TokenConfig, artifact_key, refusal_for, train_unlearning_token
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,18 @@ class UniErase(Unlearner):
         return model
 
     def requests(self, tokenizer: Any, request: list[QA]) -> list[EditRequest]:
+        """One request per QA; under edit.value_target=token_continuation its continuation is the
+        question's refusal and the closing token, as Stage A trained them."""
         token_of = self.artifact.token_of
         default = self.artifact.tokens[0]  # a universal token serves every question
-        return [EditRequest(qa.question, qa.subject, tokenizer.convert_tokens_to_ids(token_of.get(qa.question, default)),
-                            qa.uid) for qa in request]
+        edits = []
+        for qa in request:
+            token = token_of.get(qa.question, default)
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            refusal = refusal_for(qa.question, self.artifact.pool, self.cfg.token.refusal_salt)
+            continuation = tuple(tokenizer(refusal, add_special_tokens=False).input_ids) + (token_id,)
+            edits.append(EditRequest(qa.question, qa.subject, token_id, qa.uid, continuation))
+        return edits
 
     def unlearn(self, model: PreTrainedModel, tokenizer: Any, request: list[QA], benchmark: Benchmark,
                 ctx: RunContext) -> PreTrainedModel:

@@ -60,6 +60,9 @@ class EditConfig:
     checkpoint_every_chunk: bool = False
     forward_batch_size: int = 16  # sequences per forward pass when measuring keys
     value_autocast: str | None = None  # e.g. "bfloat16": z* optimisation forwards under autocast (CPU speed)
+    # [PROJ] token: z* is supervised on the target token alone (3.6). token_continuation: also on the
+    # request's continuation (UniErase: the refusal and the closing token), ROME-style multi-token targets.
+    value_target: str = "token"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,7 +70,8 @@ class EditConfig:
         if self.context_templates is not None:
             self.context_templates = list(self.context_templates)
         choices = {"key_position": ("subject_last", "last"), "context_layout": ("in_user_turn", "reference"),
-                   "nullspace_mode": ("absolute", "relative"), "protect": ("none", "retain_keys")}
+                   "nullspace_mode": ("absolute", "relative"), "protect": ("none", "retain_keys"),
+                   "value_target": ("token", "token_continuation")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"edit.{name} must be one of {allowed}, got '{getattr(self, name)}'")
@@ -84,6 +88,12 @@ class EditRequest:
     subject: str | None
     target_id: int
     uid: str
+    continuation: tuple[int, ...] = ()  # tokens after the target, supervised under value_target=token_continuation
+
+    def target_sequence(self, cfg: EditConfig) -> list[int]:
+        if cfg.value_target == "token_continuation":
+            return [self.target_id, *self.continuation]
+        return [self.target_id]
 
 
 def target_token_id(tokenizer: Any, target: str) -> int:
@@ -390,26 +400,57 @@ def clamp_norm(delta: Tensor, h0_norm: float | Tensor, factor: float) -> Tensor:
     return torch.where(norm > limit, delta * (limit / norm), delta)
 
 
-def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: Tensor, target_ids: Sequence[int],
-                    h_module: torch.nn.Module, cfg: EditConfig) -> tuple[Tensor, list[dict[str, float]]]:
+def append_targets(enc: Encoded, owner: Tensor, is_kl: Tensor,
+                   targets: Sequence[Sequence[int]]) -> tuple[Encoded, Tensor, Tensor, Tensor]:
+    """Teacher forcing: each rewriting row gets its request's target sequence minus the last token appended.
+
+    Returns the extended inputs and, per supervised token, its row, its (predicting) position and its label.
+    A one-token target appends nothing and supervises the prompt's last position.
+    """
+    rows, score_row, score_position, labels = [], [], [], []
+    for i in range(len(enc.last)):
+        last = int(enc.last[i])
+        ids = enc.input_ids[i, : last + 1].tolist()
+        if not is_kl[i]:
+            sequence = list(targets[int(owner[i])])
+            ids += sequence[:-1]
+            score_row += [i] * len(sequence)
+            score_position += range(last, last + len(sequence))
+            labels += sequence
+        rows.append(ids)
+    width = max(len(ids) for ids in rows)
+    extended = Encoded(
+        input_ids=torch.tensor([ids + [0] * (width - len(ids)) for ids in rows]),  # padding is masked out
+        attention_mask=torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]),
+        lookup=enc.lookup, last=torch.tensor([len(ids) - 1 for ids in rows]),
+    )
+    return extended, torch.tensor(score_row), torch.tensor(score_position), torch.tensor(labels)
+
+
+def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: Tensor,
+                    targets: Sequence[Sequence[int]], h_module: torch.nn.Module,
+                    cfg: EditConfig) -> tuple[Tensor, list[dict[str, float]]]:
     """z*_r = h0_r + delta_r at layer L for a chunk of requests at once (3.6), d x n.
 
     Row i of `enc` belongs to request `owner[i]`: its rewriting inputs (T_0 first), then one KL input
-    (`is_kl`). The requests' losses are summed, so each delta_r gets exactly its own gradient, and Adam is
-    element-wise: this equals optimising each request alone, with one batched forward per step. A request
-    stops (its delta frozen) once its loss is below `early_stop_loss`.
+    (`is_kl`). `targets[r]` is request r's target sequence (one token in the spec); a row's NLL is the
+    mean over its target tokens. The requests' losses are summed, so each delta_r gets exactly its own
+    gradient, and Adam is element-wise: this equals optimising each request alone, with one batched
+    forward per step. A request stops (its delta frozen) once its loss is below `early_stop_loss`.
     """
     run_device = next(model.parameters()).device
+    enc, score_row, score_position, labels = append_targets(enc, owner, is_kl, targets)
     enc = Encoded(*(t.to(run_device) for t in (enc.input_ids, enc.attention_mask, enc.lookup, enc.last)))
+    score_row, score_position, labels = (t.to(run_device) for t in (score_row, score_position, labels))
     owner, is_kl = owner.to(run_device), is_kl.to(run_device)
-    n = len(target_ids)
+    n = len(targets)
     rows = torch.arange(len(enc.last), device=run_device)
     rewrite, kl_rows = rows[~is_kl], rows[is_kl]
     if not torch.equal(owner[kl_rows], torch.arange(n, device=run_device)):
         raise ValueError("each request needs exactly one KL row, in request order")
     first = torch.stack([rewrite[owner[rewrite] == r][0] for r in range(n)])  # T_0 row of each request
-    targets = torch.as_tensor(list(target_ids), device=run_device)
     rewrite_count = torch.bincount(owner[rewrite], minlength=n).float()
+    tokens_per_row = torch.bincount(score_row, minlength=len(rows)).clamp_min(1).float()
     delta = torch.zeros(n, model.config.hidden_size, device=run_device, requires_grad=True)
     h0: Tensor | None = None
 
@@ -421,10 +462,10 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
         hidden = hidden.index_put((rows, enc.lookup), hidden[rows, enc.lookup] + delta[owner].to(hidden.dtype))
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    # Logits only at one position per row (the answer's first token; the KL subject position): the
-    # vocabulary projection of whole sequences would dominate time and memory.
-    logit_rows = torch.cat([rewrite, kl_rows])
-    logit_positions = torch.cat([enc.last[rewrite], enc.lookup[kl_rows]])
+    # Logits only where supervised (the target tokens; the KL subject position): the vocabulary
+    # projection of whole sequences would dominate time and memory.
+    logit_rows = torch.cat([score_row, kl_rows])
+    logit_positions = torch.cat([score_position, enc.lookup[kl_rows]])
     body, head = decoder_body(model), model.get_output_embeddings()
     optimiser = torch.optim.Adam([delta], lr=cfg.v_lr)
     kl_initial: Tensor | None = None
@@ -439,19 +480,23 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
                 hidden = body(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                               use_cache=False).last_hidden_state
                 logits = head(hidden[logit_rows, logit_positions])
-            rewrite_log_probs = logits[: len(rewrite)].float().log_softmax(-1)
-            token_nll = -rewrite_log_probs[torch.arange(len(rewrite), device=run_device), targets[owner[rewrite]]]
-            nll = torch.zeros(n, device=run_device).index_add(0, owner[rewrite], token_nll) / rewrite_count
-            kl_log_probs = logits[len(rewrite):].float().log_softmax(-1)
+            target_log_probs = logits[: len(labels)].float().log_softmax(-1)
+            token_nll = -target_log_probs[torch.arange(len(labels), device=run_device), labels]
+            row_nll = torch.zeros(len(rows), device=run_device).index_add(0, score_row, token_nll) / tokens_per_row
+            nll = torch.zeros(n, device=run_device).index_add(0, owner[rewrite], row_nll[rewrite]) / rewrite_count
+            kl_log_probs = logits[len(labels):].float().log_softmax(-1)
             if kl_initial is None:
                 kl_initial = kl_log_probs.detach()
             kl = (kl_log_probs.exp() * (kl_log_probs - kl_initial)).sum(-1)  # KL(current || initial)
             loss = nll + cfg.kl_factor * kl + weight_decay_term(delta, h0, cfg.v_weight_decay)
+            if step == 0:
+                for r in range(n):
+                    infos[r]["nll_start"] = nll[r].item()
             # A request stops at its first loss below the threshold, or at the last step, which
             # measures but does not step [REF].
             stopping = active & ((loss.detach() < cfg.early_stop_loss) | (step == cfg.v_steps - 1))
             for r in stopping.nonzero().flatten().tolist():
-                infos[r] = {"loss": loss[r].item(), "nll": nll[r].item(), "steps": step}
+                infos[r] |= {"loss": loss[r].item(), "nll": nll[r].item(), "steps": step}
             active &= ~stopping
             if not active.any():
                 break
@@ -527,8 +572,8 @@ def edit_chunk(run: _Run, chunk: list[EditRequest], state: EditState) -> None:
     layers = state.layers
     pairs = [(r.question, r.subject) for r in chunk]
     enc, owner, is_kl, uses = value_inputs(run.tokenizer, chunk, run.templates, run.cfg, run.model_cfg)
-    Z, infos = optimise_values(run.model, enc, owner, is_kl, [r.target_id for r in chunk], run.h_module,
-                               run.cfg)  # d x n
+    Z, infos = optimise_values(run.model, enc, owner, is_kl, [r.target_sequence(run.cfg) for r in chunk],
+                               run.h_module, run.cfg)  # d x n
     for r, (request, use, info) in enumerate(zip(chunk, uses, infos)):
         state.values[request.uid] = Z[:, r].cpu()
         state.history.append({"uid": request.uid, "subject_key": use, **info})
