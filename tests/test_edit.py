@@ -208,6 +208,32 @@ def test_continuation_target_is_optimised(tiny, tiny_cfg):
     assert results["token_continuation"]["nll_start"] != pytest.approx(results["token"]["nll_start"])
 
 
+def test_token_keys_protection_keeps_the_token_continuation(tiny, tiny_cfg):
+    """edit.protect=token_keys: outputs at the keys of `prompt + U + refusal + U` move far less."""
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    refusal = tokenizer("I do not know", add_special_tokens=False).input_ids
+    texts = [(q, (token_id, *refusal, token_id)) for q, _ in QUESTIONS]
+    layer = LAYERS[0]
+    changes = {}
+    for protect in ("none", "token_keys"):
+        edited = copy_model(model)
+        cfg = EditConfig(layers=LAYERS, key_position="last", v_steps=10, L2=1e-4, context_templates=TEMPLATES,
+                         protect=protect, protect_weight=100.0)
+        state = apply_edits(edited, tokenizer, requests(token_id, 2), cfg, tiny_cfg, identity_projectors(model),
+                            token_texts=texts)
+        if protect == "token_keys":
+            assert state.protect_keys[layer].shape == (model.config.intermediate_size, 3 * (len(refusal) + 2))
+            keys = state.protect_keys[layer]
+        changes[protect] = state.delta[layer]
+    moved = {protect: float((delta @ keys.to(delta)).norm()) for protect, delta in changes.items()}
+    assert moved["token_keys"] < 0.2 * moved["none"]
+    with pytest.raises(ValueError, match="token_keys needs the token's training texts"):
+        apply_edits(copy_model(model), tokenizer, requests(token_id, 1),
+                    EditConfig(layers=LAYERS, protect="token_keys", context_templates=TEMPLATES), tiny_cfg,
+                    identity_projectors(model))
+
+
 def test_subject_last_position_and_fallback(tiny, tiny_cfg):
     _, tokenizer = tiny
     cfg = EditConfig(layers=LAYERS, context_templates=TEMPLATES)

@@ -89,6 +89,19 @@ class UniErase(Unlearner):
         self.timings["time.statistics_s"] = time.perf_counter() - start
         return model
 
+    def continuation(self, tokenizer: Any, question: str, token: str) -> tuple[int, ...]:
+        """The refusal Stage A pairs with `question`, then the closing token (2.3, 2.5)."""
+        refusal = refusal_for(question, self.artifact.pool, self.cfg.token.refusal_salt)
+        ids = tuple(tokenizer(token + refusal + token, add_special_tokens=False).input_ids)
+        if ids[0] != tokenizer.convert_tokens_to_ids(token):
+            raise ValueError(f"{token!r} does not tokenise as one token at the start of {token + refusal!r}")
+        return ids
+
+    def token_texts(self, tokenizer: Any) -> list[tuple[str, tuple[int, ...]]]:
+        """Stage A's training texts as (question, U + refusal + U ids), for edit.protect=token_keys."""
+        return [(question, self.continuation(tokenizer, question, token))
+                for question, token in self.artifact.token_of.items()]
+
     def requests(self, tokenizer: Any, request: list[QA]) -> list[EditRequest]:
         """One request per QA; under edit.value_target=token_continuation its continuation is the
         question's refusal and the closing token, as Stage A trained them."""
@@ -97,10 +110,8 @@ class UniErase(Unlearner):
         edits = []
         for qa in request:
             token = token_of.get(qa.question, default)
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            refusal = refusal_for(qa.question, self.artifact.pool, self.cfg.token.refusal_salt)
-            continuation = tuple(tokenizer(refusal, add_special_tokens=False).input_ids) + (token_id,)
-            edits.append(EditRequest(qa.question, qa.subject, token_id, qa.uid, continuation))
+            token_id, *continuation = self.continuation(tokenizer, qa.question, token)
+            edits.append(EditRequest(qa.question, qa.subject, token_id, qa.uid, tuple(continuation)))
         return edits
 
     def unlearn(self, model: PreTrainedModel, tokenizer: Any, request: list[QA], benchmark: Benchmark,
@@ -108,7 +119,7 @@ class UniErase(Unlearner):
         start = time.perf_counter()
         retain = [(qa.question, qa.subject) for qa in benchmark.retain_train]
         self.state = apply_edits(model, tokenizer, self.requests(tokenizer, request), self.cfg.edit, ctx.model_cfg,
-                                 self.projectors, self.state, retain=retain)
+                                 self.projectors, self.state, retain=retain, token_texts=self.token_texts(tokenizer))
         self.timings["time.edit_s"] = self.timings.get("time.edit_s", 0.0) + time.perf_counter() - start
         return model
 

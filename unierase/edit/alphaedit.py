@@ -55,7 +55,9 @@ class EditConfig:
     mom2_n_samples: int | None = None  # None: every chunk
     mom2_chunk_tokens: int = 1024
     mom2_batch_size: int = 4
-    protect: str = "none"  # none | retain_keys
+    # none | retain_keys (3.11) | token_keys [PROJ]: the keys at the unlearning token and its refusal in
+    # Stage A's own training texts, so the edit does not undo the token's "U -> refusal" behaviour.
+    protect: str = "none"
     protect_weight: float = 1.0
     checkpoint_every_chunk: bool = False
     forward_batch_size: int = 16  # sequences per forward pass when measuring keys
@@ -70,7 +72,7 @@ class EditConfig:
         if self.context_templates is not None:
             self.context_templates = list(self.context_templates)
         choices = {"key_position": ("subject_last", "last"), "context_layout": ("in_user_turn", "reference"),
-                   "nullspace_mode": ("absolute", "relative"), "protect": ("none", "retain_keys"),
+                   "nullspace_mode": ("absolute", "relative"), "protect": ("none", "retain_keys", "token_keys"),
                    "value_target": ("token", "token_continuation")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -116,10 +118,10 @@ class EditState:
     done: list[str] = field(default_factory=list)  # request uids already edited
     delta: dict[int, Tensor] = field(default_factory=dict)  # cumulative Delta W_l, d x m, fp32
     past_keys: dict[int, Tensor] = field(default_factory=dict)  # K'_l, m x n_total, fp32
-    protect_keys: dict[int, Tensor] = field(default_factory=dict)  # retain keys (3.11), m x n_retain
+    protect_keys: dict[int, Tensor] = field(default_factory=dict)  # retain / token keys, m x n_protected
     values: dict[str, Tensor] = field(default_factory=dict)  # request uid -> z* (d), for inspection
     history: list[dict[str, Any]] = field(default_factory=list)  # per request: loss, steps, norms
-    # In memory only: C_l = sum K'K'^T (+ weighted retain keys) and the fp32 base weights. They live on
+    # In memory only: C_l = sum K'K'^T (+ weighted protected keys) and the fp32 base weights. They live on
     # the state, never at module level, so two runs in one process never share them.
     _C: dict[int, Tensor] = field(default_factory=dict, repr=False)
     _base: dict[int, Tensor] = field(default_factory=dict, repr=False)
@@ -139,8 +141,8 @@ class EditState:
             keys = self.past_keys[layer]
             C = keys @ keys.T
             if layer in self.protect_keys:
-                retain = self.protect_keys[layer].to(C)
-                C = C + self.config["protect_weight"] * (retain @ retain.T)
+                protected = self.protect_keys[layer].to(C)
+                C = C + self.config["protect_weight"] * (protected @ protected.T)
             self._C[layer] = C
         return self._C[layer]
 
@@ -550,6 +552,38 @@ def request_keys(run: _Run, requests: Sequence[tuple[str, str | None]], layers: 
     return keys, h.view(len(requests), -1, h.shape[-1])[:, 0].T.contiguous()  # h_L on T_0 only
 
 
+def continuation_keys(run: _Run, items: Sequence[tuple[str, Sequence[int]]],
+                      layers: list[int]) -> dict[int, Tensor]:
+    """Keys (m x n per layer) at every continuation position of `chat prompt + continuation`."""
+    sequences, starts = [], []
+    for question, continuation in items:
+        prompt = run.tokenizer(chat_prompt(run.tokenizer, question, run.model_cfg), add_special_tokens=False).input_ids
+        sequences.append(prompt + list(continuation))
+        starts.append(len(prompt))
+    keys: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    current: dict[int, Tensor] = {}
+
+    def key_hook(layer: int):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            current[layer] = args[0].float()
+            if layer == max(layers):
+                raise StopForward
+        return hook
+
+    run_device = next(run.model.parameters()).device
+    with hooks([(run.key_modules[layer], "pre", key_hook(layer)) for layer in layers]), torch.no_grad():
+        for first in range(0, len(sequences), run.cfg.forward_batch_size):
+            batch = sequences[first:first + run.cfg.forward_batch_size]
+            width = max(len(ids) for ids in batch)
+            ids = torch.tensor([row + [0] * (width - len(row)) for row in batch], device=run_device)
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch], device=run_device)
+            with contextlib.suppress(StopForward):
+                run.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            for layer in layers:
+                keys[layer] += [current[layer][i, starts[first + i]:len(row)] for i, row in enumerate(batch)]
+    return {layer: torch.cat(parts).T.contiguous() for layer, parts in keys.items()}
+
+
 def value_inputs(tokenizer: Any, chunk: Sequence[EditRequest], templates: list[str], cfg: EditConfig,
                  model_cfg: ModelConfig) -> tuple[Encoded, Tensor, Tensor, list[bool]]:
     """The value-optimisation batch of a chunk: per request its rewriting inputs, then its KL input.
@@ -599,11 +633,13 @@ def check_target(request: EditRequest, vocab_size: int) -> None:
 def apply_edits(
     model: torch.nn.Module, tokenizer: Any, requests: Sequence[EditRequest], cfg: EditConfig,
     model_cfg: ModelConfig, projectors: dict[int, Tensor], state: EditState | None = None,
-    retain: Sequence[tuple[str, str | None]] | None = None, checkpoint_dir: Path | None = None,
+    retain: Sequence[tuple[str, str | None]] | None = None,
+    token_texts: Sequence[tuple[str, Sequence[int]]] | None = None, checkpoint_dir: Path | None = None,
 ) -> EditState:
     """Edit `model` in place for every request not yet in `state.done`; returns the (updated) state.
 
-    `retain` (question, subject) pairs feed edit.protect=retain_keys (3.11). With
+    `retain` (question, subject) pairs feed edit.protect=retain_keys (3.11); `token_texts` (question,
+    token + refusal + token ids) pairs, Stage A's training texts, feed edit.protect=token_keys. With
     edit.checkpoint_every_chunk the state is also written to `checkpoint_dir` after every chunk.
     """
     template = cfg.module_template or model_cfg.down_proj_template
@@ -619,8 +655,9 @@ def apply_edits(
     vocab_size = model.get_output_embeddings().weight.shape[0]
     for request in requests:
         check_target(request, vocab_size)
-    if cfg.protect == "retain_keys" and not retain and (state is None or not state.protect_keys):
-        raise ValueError("edit.protect=retain_keys needs retain questions")
+    needs = {"retain_keys": ("retain questions", retain), "token_keys": ("the token's training texts", token_texts)}
+    if cfg.protect in needs and not needs[cfg.protect][1] and (state is None or not state.protect_keys):
+        raise ValueError(f"edit.protect={cfg.protect} needs {needs[cfg.protect][0]}")
 
     run_device = next(model.parameters()).device
     p_hash = projector_hash({layer: projectors[layer] for layer in cfg.layers})
@@ -638,8 +675,9 @@ def apply_edits(
         run = _Run(model, tokenizer, cfg, model_cfg, key_modules, h_module,
                    {layer: projectors[layer].to(run_device, torch.float32) for layer in cfg.layers},
                    state.context_templates)
-        if cfg.protect == "retain_keys" and not state.protect_keys:
-            state.protect_keys, _ = request_keys(run, list(retain), cfg.layers)
+        if cfg.protect != "none" and not state.protect_keys:
+            state.protect_keys = (request_keys(run, list(retain), cfg.layers)[0] if cfg.protect == "retain_keys"
+                                  else continuation_keys(run, list(token_texts), cfg.layers))
             state._C.clear()
         done = set(state.done)
         pending = [r for r in requests if r.uid not in done]
