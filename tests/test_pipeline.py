@@ -66,6 +66,15 @@ def test_unierase_batch_edits_and_reuses_caches(tmp_path, data_dir):
     assert second["cl.forget.prob"] == pytest.approx(first["cl.forget.prob"], rel=1e-5)
 
 
+def test_unierase_protects_token_keys_with_continuation_targets(tmp_path, data_dir):
+    """The unierase_cpu options wire through: Stage A's texts become protected keys, z* sees the refusal."""
+    overrides = TINY_UNIERASE + ["method.edit.protect=token_keys", "method.edit.value_target=token_continuation"]
+    metrics, run_dir = run_job(tmp_path, overrides, isolated_cache(tmp_path), "protected")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert metrics["unierase.edited_fraction"] > 0 and "<unlearn_0>" in AutoTokenizer.from_pretrained(run_dir / "model").get_vocab()
+    assert model.config.vocab_size >= len(AutoTokenizer.from_pretrained(run_dir / "model"))
+
+
 def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, data_dir):
     overrides = ["method=ga_gd", "setting=sequential", "setting.rounds=3", "benchmark.known_forget=forget10",
                  "benchmark.retain_authors=1", "eval.max_rows=2"]
