@@ -18,7 +18,7 @@ from unierase.context import RunContext
 from unierase.io import atomic_write_json
 from unierase.method import Unlearner
 from unierase.models import copy_model, encode_qa
-from unierase.training import make_trainer
+from unierase.training import fit, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class FinetuneUnlearner(Unlearner):
         # max_steps ends training (epochs = max_steps worth of forget passes), as in the reference runner.
         trainer = make_trainer(ctx.trainer_cfg, ctx.loggers or False, max_steps=max_steps, max_epochs=-1,
                                accumulate_grad_batches=recipe.grad_accum)
-        trainer.fit(module, DataLoader(dataset, batch_size=recipe.batch_size, shuffle=False, collate_fn=collate_paired))
+        fit(trainer, module, DataLoader(dataset, batch_size=recipe.batch_size, shuffle=False, collate_fn=collate_paired))
         self.forgotten |= {(qa.question, qa.answer) for qa in request}
         return model.eval()
 

@@ -2,7 +2,9 @@
 
 Every comparison runs side by side in one invocation on the same inputs, so ratios are meaningful on a
 noisy machine even when absolute numbers are not. Model: the cached demo target when given
-(`--model DIR`), else the embedded SmolLM2 base. The method comparisons (`requests`, `pipeline`) run
+(`--model DIR`), else the base: the embedded SmolLM2, or `--base DIR`, any local HF directory, which the
+method jobs then start from too (on a device machine: `benchmarks.random_weights`, SmolLM2's architecture
+with random weights, since the weights cannot travel there). The method comparisons (`requests`, `pipeline`) run
 each method as its own `unierase` job (a subprocess, so each job's peak RSS is its own) and compare
 the jobs' `time.unlearn_s` (evaluation excluded). On a GPU machine the same command measures the CUDA
 path (`--sections generation,training,statistics` finishes in a few minutes).
@@ -46,6 +48,12 @@ def bf16() -> torch.autocast:
 
 def generation(model, tokenizer, prompts: list[str], new_tokens: int, batch_size: int) -> dict:
     """Batched left-padded generation (ours) vs a bare one-prompt-at-a-time `model.generate` loop."""
+    # Untimed warm-up of both paths: one-time costs (CUDA context, kernel selection) would otherwise
+    # fall on whichever runs first (on the H200 they made ours look 6x slower than HF's batched loop).
+    generate(model, tokenizer, prompts[:2], 4, 2, autocast_dtype=torch.bfloat16)
+    ids = tokenizer(prompts[:1], add_special_tokens=False, return_tensors="pt").to(device())
+    with torch.no_grad(), bf16():
+        model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     start = time.perf_counter()
     ours = generate(model, tokenizer, prompts, new_tokens, batch_size, autocast_dtype=torch.bfloat16)
     ours_s = time.perf_counter() - start
@@ -82,23 +90,28 @@ def training_loop(model, tokenizer, data, steps: int) -> dict:
     """The Lightning fine-tuning loop vs a bare torch loop on the same batches (tokens per second)."""
     recipe = FinetuneConfig(epochs=1, batch_size=8, lr=1e-5, max_length=160)
     data = data[: steps * recipe.batch_size]
+    items = [encode_qa(tokenizer, qa.question, qa.answer, SMOLLM2, recipe.max_length, pad=False) for qa in data]
+    tokens = sum(int(item["attention_mask"].sum()) for item in items)
+
+    def bare_loop(bare_model, examples: list[dict]) -> float:
+        bare_model.train()
+        optimiser = torch.optim.AdamW(bare_model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        start = time.perf_counter()
+        for first in range(0, len(examples), recipe.batch_size):
+            batch = {k: v.to(device()) for k, v in pad_batch(examples[first:first + recipe.batch_size]).items()}
+            with bf16():
+                loss = bare_model(**batch).loss
+            loss.backward()
+            optimiser.step()
+            optimiser.zero_grad()
+        return time.perf_counter() - start
+
+    bare_loop(copy_model(model), items[: recipe.batch_size])  # untimed warm-up (see `generation`)
     lightning_model = copy_model(model)
     start = time.perf_counter()
     finetune(lightning_model, tokenizer, data, recipe, SMOLLM2, TrainerConfig(enable_progress_bar=False))
     lightning_s = time.perf_counter() - start
-    bare_model = copy_model(model).train()
-    optimiser = torch.optim.AdamW(bare_model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    items = [encode_qa(tokenizer, qa.question, qa.answer, SMOLLM2, recipe.max_length, pad=False) for qa in data]
-    tokens = sum(int(item["attention_mask"].sum()) for item in items)
-    start = time.perf_counter()
-    for first in range(0, len(items), recipe.batch_size):
-        batch = {k: v.to(device()) for k, v in pad_batch(items[first:first + recipe.batch_size]).items()}
-        with bf16():
-            loss = bare_model(**batch).loss
-        loss.backward()
-        optimiser.step()
-        optimiser.zero_grad()
-    bare_s = time.perf_counter() - start
+    bare_s = bare_loop(copy_model(model), items)
     return {"lightning_tok_s": tokens / lightning_s, "bare_tok_s": tokens / bare_s, "ratio": bare_s / lightning_s}
 
 
@@ -115,9 +128,10 @@ def statistics(model, tokenizer, data_dir: Path, cache: Path) -> dict:
     return {"first_s": first_s, "second_s": second_s, "speedup": first_s / second_s}
 
 
-def job(overrides: list[str], run_dir: Path, cache: Path, data_dir: Path) -> dict:
+def job(overrides: list[str], run_dir: Path, cache: Path, data_dir: Path, base: Path | None) -> dict:
     """Run one `unierase` job in a subprocess and return its metrics.json."""
-    command = [sys.executable, "-m", "unierase.run", *JOB, *overrides, f"paths.cache_dir={cache}",
+    model = ["model=saved", f"model.path={base.resolve()}"] if base else []
+    command = [sys.executable, "-m", "unierase.run", *JOB, *model, *overrides, f"paths.cache_dir={cache}",
                f"paths.data_dir={data_dir.resolve()}", f"hydra.run.dir={run_dir}"]
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
@@ -128,17 +142,18 @@ def fresh_cache(cache: Path) -> Path:
     """A cache that shares the base model and the targets but has no token, statistics or projector."""
     fresh = Path(tempfile.mkdtemp(prefix="fresh-", dir=cache.parent))
     for shared in ("base_models", "targets"):
+        (cache / shared).mkdir(parents=True, exist_ok=True)
         (fresh / shared).symlink_to((cache / shared).resolve(), target_is_directory=True)
     return fresh
 
 
-def method_comparison(split: str, fresh: bool, cache: Path, data_dir: Path, runs: Path) -> dict:
+def method_comparison(split: str, fresh: bool, cache: Path, data_dir: Path, runs: Path, base: Path | None) -> dict:
     """UniErase vs GA+GD on the same request: UniErase's cost with a cached token and statistics
     (`fresh=False`, the per-request cost) or its whole pipeline from the target (`fresh=True`)."""
     split_args = [f"benchmark.split={split}", f"benchmark.known_forget={split}"]
     unierase = job(["method=unierase_cpu", *split_args], runs / f"unierase_{split}_{'fresh' if fresh else 'cached'}",
-                   fresh_cache(cache) if fresh else cache, data_dir)
-    ga_gd = job(["method=ga_gd", *split_args], runs / f"ga_gd_{split}", cache, data_dir)
+                   fresh_cache(cache) if fresh else cache, data_dir, base)
+    ga_gd = job(["method=ga_gd", *split_args], runs / f"ga_gd_{split}", cache, data_dir, base)
     return {"unierase_s": unierase["time.unlearn_s"], "ga_gd_s": ga_gd["time.unlearn_s"],
             "unierase_peak_rss_gb": unierase["memory.peak_rss_gb"], "ga_gd_peak_rss_gb": ga_gd["memory.peak_rss_gb"],
             "ratio": unierase["time.unlearn_s"] / ga_gd["time.unlearn_s"]}
@@ -146,9 +161,11 @@ def method_comparison(split: str, fresh: bool, cache: Path, data_dir: Path, runs
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, help="a saved model directory (default: SmolLM2 base)")
+    parser.add_argument("--model", type=Path, help="a saved model directory to measure (default: the base)")
+    parser.add_argument("--base", type=Path, help="a local HF model directory as the base (default: embedded SmolLM2)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("UNIERASE_DATA", "../shared/data")))
     parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--train-steps", type=int, default=8, help="steps of 8 QA (at most the target data)")
     parser.add_argument("--pipeline-split", default="forget05")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
@@ -158,21 +175,23 @@ def main() -> None:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     cache = Path(os.environ.get("UNIERASE_CACHE", "outputs/cache"))
     runs = Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    model, tokenizer = load_model(SMOLLM2, cache)
+    base_model = ModelConfig(name="saved", source="hub", path=str(args.base)) if args.base else SMOLLM2
+    model, tokenizer = load_model(base_model, cache)
     if args.model:
-        model = load_saved(args.model)
+        model = load_saved(args.model, like=model)
     bench = load_tofu(TofuConfig(data_dir=str(args.data), retain_authors=2))
     prompts = [chat_prompt(tokenizer, qa.question, SMOLLM2) for qa in bench.target_train[: args.prompts]]
     sections = {
         "generation": (f"generation ({len(prompts)} TOFU prompts, 64 new tokens)",
                        lambda: generation(model, tokenizer, prompts, 64, 16)),
-        "training": ("training loop (8 steps of 8 QA)", lambda: training_loop(model, tokenizer, bench.target_train, 8)),
+        "training": (f"training loop ({args.train_steps} steps of 8 QA)",
+                     lambda: training_loop(model, tokenizer, bench.target_train, args.train_steps)),
         "statistics": ("statistics (32 chunks x 1024 tokens, layers 4-8)",
                        lambda: statistics(model, tokenizer, args.data, cache / "bench")),
         "requests": ("per request, forget01: UniErase (cached token + statistics) vs GA+GD",
-                     lambda: method_comparison("forget01", False, cache, args.data, runs)),
+                     lambda: method_comparison("forget01", False, cache, args.data, runs, args.base)),
         "pipeline": (f"whole pipeline, {args.pipeline_split}: UniErase (token + statistics + edit) vs GA+GD",
-                     lambda: method_comparison(args.pipeline_split, True, cache, args.data, runs)),
+                     lambda: method_comparison(args.pipeline_split, True, cache, args.data, runs, args.base)),
     }
     results = {}
     for key in chosen:

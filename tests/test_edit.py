@@ -16,6 +16,7 @@ from unierase.edit.statistics import (
     corpus_chunks, null_space_projector, nullspace_projectors, read_documents, second_moments,
 )
 from unierase.models import chat_prompt, copy_model
+from unierase.unierase import first_token_rate
 
 LAYERS = [1, 2]
 TEMPLATES = ["The weather is nice today. {}", "Because of this. {}"]
@@ -118,12 +119,14 @@ def test_edit_flips_first_token_and_touches_only_down_proj(tiny, tiny_cfg):
     token_id = with_token(model, tokenizer)
     edit_requests = requests(token_id)
     assert all(first_token(model, tokenizer, r.question, tiny_cfg) != token_id for r in edit_requests)
+    assert first_token_rate(model, tokenizer, edit_requests, tiny_cfg) == 0.0
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     # A random model cannot route subject information to the answer position (see the test below for
     # the subject keys), so this end-to-end check keys on the last prompt token (edit.key_position=last).
     cfg = EditConfig(layers=LAYERS, key_position="last", v_steps=20, L2=1e-4, context_templates=TEMPLATES)
     state = apply_edits(model, tokenizer, edit_requests, cfg, tiny_cfg, identity_projectors(model))
     assert all(first_token(model, tokenizer, r.question, tiny_cfg) == token_id for r in edit_requests)
+    assert first_token_rate(model, tokenizer, edit_requests, tiny_cfg) == 1.0
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in LAYERS}
     assert state.done == ["r0", "r1", "r2"] and state.token_ids == {"<unlearn_0>": token_id}

@@ -123,7 +123,8 @@ def test_evaluate_knowledge_records_reproduce_metrics(tmp_path, varied, data_dir
     assert aggregate_from_records(records, cfg) == metrics
 
     for split in splits:
-        for name in ("rouge", "prob", "truth_ratio", "token_entropy", "cosine", "mean_len", "refusal_rate"):
+        for name in ("rouge", "prob", "truth_ratio", "token_entropy", "cosine", "mean_len", "refusal_rate",
+                     "opening_refusal_rate"):
             assert metrics[f"cl.{split}.{name}"] is not None, (split, name)
         assert metrics[f"cl.{split}.entailment"] is None  # no NLI model offline
     # Partial forget efficacy over the four available metrics; full aggregates stay null.

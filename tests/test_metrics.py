@@ -250,3 +250,15 @@ def test_refusal_rate_and_graded():
     assert np.mean(graded) == pytest.approx(0.54)
     assert m.graded_refusal(0.8, exact=False) == 1.0
     assert m.is_refusal("x", pool, 0.5)  # the threshold is inclusive
+
+
+def test_opening_refusal_reads_the_first_sentence():
+    pool = ["I'm not certain about that."]
+    rambling = "I'm not certain about that.Dreamhard:Dreamhard,Dreamhard"
+    assert m.first_sentence(rambling) == "I'm not certain about that."
+    assert m.first_sentence("  Who knows? Not me.") == "Who knows?"
+    assert m.first_sentence("No punctuation at all ") == "No punctuation at all"
+    assert m.first_sentence("") == ""
+    # Measured cosines of a real run's generation: whole text 0.25, its first sentence a pool line.
+    assert not m.is_refusal(rambling, pool, 0.25)
+    assert m.is_refusal(m.first_sentence(rambling), pool, 0.25)

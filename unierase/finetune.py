@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from benchmarks.base import QA
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.models import ModelConfig, encode_qa, load_saved, save_model
-from unierase.training import TrainerConfig, loader, make_trainer
+from unierase.training import TrainerConfig, fit, loader, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,8 @@ def finetune(
              for qa in data]
     module = AnswerLossFineTuner(model, recipe.lr, recipe.weight_decay)
     model.train()
-    make_trainer(trainer_cfg, max_epochs=recipe.epochs).fit(
-        module, loader(items, recipe.batch_size, shuffle=True, seed=recipe.seed)
-    )
+    fit(make_trainer(trainer_cfg, max_epochs=recipe.epochs), module,
+        loader(items, recipe.batch_size, shuffle=True, seed=recipe.seed))
     model.eval()
     return module.losses
 

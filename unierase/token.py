@@ -37,7 +37,7 @@ from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.models import (
     ModelConfig, chat_prompt, decoder_body, encode_qa, end_of_turn_ids, module_by_name, untie_output_embeddings,
 )
-from unierase.training import TensorDictDataset, TrainerConfig, make_trainer
+from unierase.training import TensorDictDataset, TrainerConfig, fit, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,8 @@ def perturbation_noise(
     relative_std: σ = α·std(W); ε = clamp(σ·Z, −cσ, cσ).  absolute: σ = sigma_abs, same clipping.
     """
     w = weight.detach().float()
-    z = torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32)
+    # Drawn on the CPU: the same noise on every device (a CUDA generator would give another stream).
+    z = torch.randn(w.shape, generator=generator, dtype=torch.float32).to(w.device)
     if mode == "reference":
         k = w.mean().item()
         eps = torch.clamp(k * z, min=-k, max=k)
@@ -605,7 +606,7 @@ def _fit(module: UnlearningTokenModule, dataset: TensorDictDataset, groups: list
     batches = DataLoader(dataset, batch_sampler=GroupBatchSampler(groups, cfg.batch_size, cfg.shuffle, cfg.seed))
     trainer = make_trainer(trainer_cfg, max_epochs=epochs)
     try:
-        trainer.fit(module, batches)
+        fit(trainer, module, batches)
     finally:
         module.restore_weights()
     return list(module.losses)
@@ -701,7 +702,7 @@ def train_unlearning_token(
             else:
                 module.perturb = cfg.perturb
                 weights = {l: module_by_name(model, model_cfg.down_proj_template.format(l)).weight for l in layers}
-                module.noise_generator = torch.Generator(device=emb.device).manual_seed(cfg.seed)
+                module.noise_generator = torch.Generator().manual_seed(cfg.seed)
                 if cfg.perturb.schedule == "per_layer":
                     for layer in layers:
                         module.perturb_weights = [weights[layer]]

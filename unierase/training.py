@@ -44,6 +44,16 @@ def make_trainer(cfg: TrainerConfig, loggers: list | bool = False, **limits: Any
     )
 
 
+def fit(trainer: L.Trainer, module: L.LightningModule, batches: DataLoader) -> None:
+    """`trainer.fit`, then the module back on the device it started on: Lightning's teardown moves it
+    to the CPU, which on a GPU machine would leave every later stage (edit, evaluation) on the CPU."""
+    start = next(module.parameters()).device
+    try:
+        trainer.fit(module, batches)
+    finally:
+        module.to(start)
+
+
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": -100}
 
 

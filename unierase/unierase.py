@@ -20,7 +20,8 @@ from unierase.context import RunContext
 from unierase.edit.alphaedit import EditConfig, EditRequest, EditState, apply_edits, edited_fraction
 from unierase.edit.statistics import nullspace_projectors, second_moments
 from unierase.method import Unlearner
-from unierase.models import ModelConfig, autocast_dtype
+from unierase.evaluation.engine import generate_ids
+from unierase.models import ModelConfig, autocast_dtype, chat_prompt
 from unierase.token import TokenArtifact, TokenConfig, artifact_key, refusal_for, train_unlearning_token
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,14 @@ class UniEraseConfig:
     generic_questions: int = 400  # token.train_on=generic: how many generic questions train it
 
 
+def first_token_rate(model: PreTrainedModel, tokenizer: Any, edits: list[EditRequest], model_cfg: ModelConfig) -> float:
+    """Fraction of the edited questions whose greedy first answer token is their target (Stage B's goal)."""
+    prompts = [chat_prompt(tokenizer, edit.question, model_cfg) for edit in edits]
+    dtype = autocast_dtype(model_cfg) if model.device.type == "cpu" else None
+    firsts = generate_ids(model, tokenizer, prompts, [1] * len(prompts), 16, autocast_dtype=dtype)
+    return sum(ids == [edit.target_id] for ids, edit in zip(firsts, edits)) / len(edits)
+
+
 class UniErase(Unlearner):
     def __init__(self, cfg: UniEraseConfig):
         self.cfg = cfg
@@ -44,6 +53,7 @@ class UniErase(Unlearner):
         self.model_cfg: ModelConfig | None = None
         self.timings: dict[str, float] = {}
         self.cache_hits: dict[str, bool] = {}
+        self.first_token_rate: float | None = None  # of the latest request
 
     def _token(self, model: PreTrainedModel, tokenizer: Any, questions: list[str], benchmark: Benchmark,
                ctx: RunContext) -> TokenArtifact:
@@ -118,9 +128,11 @@ class UniErase(Unlearner):
                 ctx: RunContext) -> PreTrainedModel:
         start = time.perf_counter()
         retain = [(qa.question, qa.subject) for qa in benchmark.retain_train]
-        self.state = apply_edits(model, tokenizer, self.requests(tokenizer, request), self.cfg.edit, ctx.model_cfg,
+        edits = self.requests(tokenizer, request)
+        self.state = apply_edits(model, tokenizer, edits, self.cfg.edit, ctx.model_cfg,
                                  self.projectors, self.state, retain=retain, token_texts=self.token_texts(tokenizer))
         self.timings["time.edit_s"] = self.timings.get("time.edit_s", 0.0) + time.perf_counter() - start
+        self.first_token_rate = first_token_rate(model, tokenizer, edits, ctx.model_cfg)
         return model
 
     def save_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
@@ -138,5 +150,6 @@ class UniErase(Unlearner):
             "unierase.edited_fraction": edited_fraction(model, self.cfg.edit.layers, template),
             "unierase.token_cached": float(self.cache_hits.get("token", False)),
             "unierase.statistics_cached": float(self.cache_hits.get("statistics", False)),
+            "unierase.first_token_rate": self.first_token_rate,
             **self.timings,
         }

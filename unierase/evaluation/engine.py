@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -59,6 +60,12 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
 
 
+def kv_cache_name(model: PreTrainedModel) -> str:
+    """The KV-cache argument (and output field) of `model.forward`: transformers renamed
+    `past_key_values` to `cache`; an unknown name would vanish into **kwargs and drop the context."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def _greedy_batch(model: PreTrainedModel, rows: list[list[int]], steps: int, pad_id: int,
                   stop: torch.Tensor) -> list[list[int]]:
@@ -70,11 +77,12 @@ def _greedy_batch(model: PreTrainedModel, rows: list[list[int]], steps: int, pad
     # Left padding shifts the sequence, so positions must count real tokens only.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=dev)
+    cache_name = kv_cache_name(model)
     cache, generated = None, []
     for _ in range(steps):
         out = model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                    cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache
+                    use_cache=True, logits_to_keep=1, **{cache_name: cache})
+        cache = getattr(out, cache_name)
         next_ids = out.logits[:, -1].float().argmax(-1)
         generated.append(next_ids)
         finished |= torch.isin(next_ids, stop)

@@ -121,6 +121,7 @@ def _cl_split(split: str, rows: Sequence[dict]) -> dict[str, float | None]:
         f"cl.{split}.entailment": entailment,
         f"cl.{split}.mean_len": _mean([r.get("n_tokens") for r in rows]),
         f"cl.{split}.refusal_rate": _mean([r.get("refusal") for r in rows]),
+        f"cl.{split}.opening_refusal_rate": _mean([r.get("opening_refusal") for r in rows]),
     }
 
 
@@ -333,13 +334,15 @@ def _add_aux_scores(rows: list[_Row], cfg: EvalConfig, refusals: Sequence[str], 
     generations = [row.record["generation"] for row in rows]
     encoder, reason = load_encoder(cfg.encoder)
     if encoder is None:
-        reasons["refusal_rate"] = reason
+        reasons["refusal_rate"] = reasons["opening_refusal_rate"] = reason
     elif not refusals:
-        reasons["refusal_rate"] = "the benchmark has no refusal pool"
+        reasons["refusal_rate"] = reasons["opening_refusal_rate"] = "the benchmark has no refusal pool"
     else:
         detector = RefusalDetector(encoder, refusals, cfg.refusal_threshold)
         for row, (flag, max_cos) in zip(rows, detector.score(generations)):
             row.record.update(refusal=flag, refusal_max_cosine=max_cos)
+        for row, (flag, _) in zip(rows, detector.score([m.first_sentence(g) for g in generations])):
+            row.record["opening_refusal"] = flag
     if cfg.cosine_encoder and cfg.cosine_encoder != cfg.encoder:
         encoder, reason = load_encoder(cfg.cosine_encoder)
     if encoder is None:
@@ -402,7 +405,7 @@ def evaluate_knowledge(
     _add_nlls(model, tokenizer, rows, cfg, dtype)
     if not cfg.generation:
         for key in ("rouge", "token_entropy", "cosine", "entailment", "mean_len", "refusal_rate",
-                    "ou.*_Q_A_ROUGE"):
+                    "opening_refusal_rate", "ou.*_Q_A_ROUGE"):
             notes["null_reasons"][key] = "eval.generation=false"
     elif run_cl or run_ou:
         _add_generations(model, tokenizer, rows, cfg, dtype, run_cl, run_ou)
