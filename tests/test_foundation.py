@@ -229,3 +229,19 @@ def test_real_world_answers_regenerated_once_and_reused(tiny, tiny_cfg, data_dir
     assert [qa.answer for qa in swapped.forget] == [first[qa.question] for qa in bench.forget]
     assert swapped.forget[0].paraphrased_answer == bench.forget[0].paraphrased_answer
     assert [qa.answer for qa in swapped.rounds[0]] == [qa.answer for qa in swapped.forget[:20]]
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A job started from a large parent must not report the parent's peak (ru_maxrss survives exec)."""
+    import subprocess
+    import sys
+
+    from unierase.run_dir import peak_rss_gb
+
+    blob = bytearray(600_000_000)
+    blob[::4096] = b"\x01" * len(blob[::4096])  # touch every page
+    assert peak_rss_gb() > 0.6
+    child = subprocess.run([sys.executable, "-c", "from unierase.run_dir import peak_rss_gb; print(peak_rss_gb())"],
+                           capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 0.5  # a Python with torch imported, without the parent's 0.6 GB
+    del blob

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from unierase.method import Unlearner
 from unierase.models import ModelConfig
 from unierase.objective import ObjectiveConstraint, objective_value
 from unierase.references import regenerate_references
-from unierase.run_dir import write_run_header
+from unierase.run_dir import peak_rss_gb, write_run_header
 from unierase.settings import SETTINGS, Evaluator, SettingConfig
 from unierase.training import TrainerConfig
 from unierase.unierase import UniErase, UniEraseConfig
@@ -136,7 +135,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     )
     start = time.perf_counter()
     result = STAGES[cfg.stage](ctx) | {"time.total_s": time.perf_counter() - start,
-                                       "memory.peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+                                       "memory.peak_rss_gb": peak_rss_gb()}
     atomic_write_json(run_dir / "metrics.json", result)
     finish(ctx.loggers, result, run_dir)
     return result

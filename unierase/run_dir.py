@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,20 @@ def versions() -> dict[str, Any]:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory in GB (1e9 bytes).
+
+    Linux's VmHWM belongs to the current address space; `getrusage`'s ru_maxrss survives exec, so a job
+    started from a large parent (a benchmark holding a model) would report the parent's peak as its own.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 def write_run_header(run_dir: Path, cfg: DictConfig) -> None:
