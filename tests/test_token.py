@@ -310,7 +310,10 @@ def memorised(cache_root):
     """A tiny model that *can* refuse: fine-tuned so that an existing special token (TRIGGER) placed
     like U is followed by the refusal. A random 64-wide model's logits are bounded by |h|·|e| ≈ 1.3
     over 49k tokens, so no input embedding alone could make it emit a specific sentence. Then a fresh
-    <unlearn_0> is trained with Stage A (its rows only) and must find the refusal behaviour itself."""
+    <unlearn_0> is trained with Stage A (its rows only) and must find the refusal behaviour itself.
+    Untied with its own output row (share=false), as the CPU recipe trains SmolLM2: one tied 64-wide row
+    that must both steer and close the refusal plateaued at loss 0.67, and whether "I" or <|im_end|>
+    followed it changed with the machine's bf16 kernels."""
     cfg_m = tiny_config()
     model, tok = load_model(cfg_m, cache_root, seed=0)
     batch = stack([token_example(tok, QUESTION, REFUSAL, TRIGGER, f, 64, cfg_m) for f in ("plain", "chat")])
@@ -325,7 +328,8 @@ def memorised(cache_root):
         optimizer.zero_grad()
     model.eval()
     base, base_tok = copy.deepcopy(model), copy.deepcopy(tok)  # copy_model shares .config
-    cfg = quick_cfg(phase1=PhaseConfig(30, 1e-2), phase2=PhaseConfig(5, 1e-3), sanity_max_new_tokens=8)
+    cfg = quick_cfg(phase1=PhaseConfig(30, 1e-2), phase2=PhaseConfig(5, 1e-3), sanity_max_new_tokens=8,
+                    untie_output=True, share=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         art = train_unlearning_token(model, tok, [QUESTION], [REFUSAL], cfg, cfg_m, TRAINER, [1])
@@ -341,12 +345,30 @@ def test_memorised_refusal_generation(memorised):
     assert art.sanity["phase3"][0]["generated"].startswith(U0 + REFUSAL)
 
 
+def test_tied_artifact_round_trip(tiny, tiny_cfg, tmp_path):
+    """On a tied model the artifact keeps no output rows: applied to a fresh tied model, the new rows
+    are its input rows and, through the tie, its output rows."""
+    model, tok = tiny
+    fresh, fresh_tok = copy.deepcopy(model), copy.deepcopy(tok)
+    cfg = quick_cfg(phase1=PhaseConfig(1, 1e-2), phase2=PhaseConfig(0, 1e-3), phase3=PhaseConfig(0, 1e-3),
+                    sanity_questions=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        art = train_unlearning_token(model, tok, [QUESTION], [REFUSAL], cfg, tiny_cfg, TRAINER, [1])
+    art.save(tmp_path / "token")
+    loaded = TokenArtifact.load(tmp_path / "token")
+    assert loaded.tied and art.tied and loaded.output_rows is None
+    assert loaded.apply(fresh, fresh_tok) == art.token_ids
+    rows = fresh.get_input_embeddings().weight.detach()[art.token_ids]
+    assert torch.equal(rows, art.input_rows.to(rows.dtype)) and torch.equal(fresh.lm_head.weight[art.token_ids], rows)
+
+
 def test_artifact_round_trip(memorised, tmp_path):
     cfg_m, model, tok, art, base, base_tok = memorised
     art.save(tmp_path / "token")
     loaded = TokenArtifact.load(tmp_path / "token")
     assert loaded.tokens == art.tokens and loaded.token_ids == art.token_ids and loaded.tied == art.tied
-    assert torch.equal(loaded.input_rows, art.input_rows) and loaded.output_rows is None
+    assert torch.equal(loaded.input_rows, art.input_rows) and torch.equal(loaded.output_rows, art.output_rows)
     assert loaded.refusals == art.refusals and loaded.losses == art.losses and loaded.config == art.config
     assert loaded.tokenizer.convert_tokens_to_ids(U0) == art.token_ids[0]
 
@@ -354,7 +376,7 @@ def test_artifact_round_trip(memorised, tmp_path):
     assert loaded.apply(fresh, fresh_tok) == art.token_ids
     rows = fresh.get_input_embeddings().weight.detach()[art.token_ids]
     assert torch.equal(rows, art.input_rows) and torch.equal(rows, model.get_input_embeddings().weight[art.token_ids])
-    assert torch.equal(fresh.lm_head.weight[art.token_ids], rows)  # tied
+    assert torch.equal(fresh.lm_head.weight[art.token_ids], art.output_rows.to(fresh.lm_head.weight.dtype))
     want = forced_token_generation(model, tok, QUESTION, U0, cfg_m, max_new_tokens=12)
     assert forced_token_generation(fresh, fresh_tok, QUESTION, U0, cfg_m, max_new_tokens=12) == want
 
