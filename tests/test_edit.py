@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unierase.edit.alphaedit import (
-    EditConfig, EditRequest, EditState, Encoded, append_targets, apply_edits, capture, clamp_norm, edited_fraction, encode,
+    EditConfig, EditRequest, EditState, Encoded, SuffixReplay, append_targets, apply_edits, capture, clamp_norm, edited_fraction, encode,
     generate_context_templates, layer_update, optimise_values, rewriting_texts, target_token_id,
     value_inputs, weight_decay_term,
 )
@@ -174,6 +174,38 @@ def test_batched_values_equal_one_request_at_a_time(tiny, tiny_cfg):
         assert torch.allclose(values[1][uid], values[3][uid], atol=1e-4, rtol=1e-4)
     assert [h["steps"] for h in histories[1]] == [h["steps"] for h in histories[3]] == [7, 7, 7]
     assert all(h["delta_norm"] > 0 for h in histories[3])
+
+
+def test_suffix_replay_equals_a_full_forward(tiny, tiny_cfg):
+    """The value optimisation's replay (a prefix KV cache, then layers after L on the suffixes only) gives
+    the full model's final hidden states at every position from the lookup on, delta included; and
+    it leaves its cache as it was, so every step starts from the same prefix."""
+    model, tokenizer = tiny
+    model.eval()
+    token_id = with_token(model, tokenizer)
+    cfg = EditConfig(layers=LAYERS, context_templates=TEMPLATES)
+    enc, owner, is_kl, _ = value_inputs(tokenizer, requests(token_id, 2), TEMPLATES, cfg, tiny_cfg)
+    enc, *_ = append_targets(enc, owner, is_kl, [[token_id, 11, 12]] * 2)
+    assert len(set(enc.lookup.tolist())) > 1 and len(set(enc.last.tolist())) > 1  # the alignment matters
+    rows = torch.arange(len(enc.last))
+    delta = torch.randn(len(rows), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def add_delta(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.index_put((rows, enc.lookup), hidden[rows, enc.lookup] + delta)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    h_module = model.model.layers[LAYERS[-1]]
+    with torch.no_grad():
+        handle = h_module.register_forward_hook(add_delta)
+        full = model.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+        handle.remove()
+        replay = SuffixReplay(model, enc, h_module)
+        replayed, again, undisturbed = replay.hidden(delta), replay.hidden(delta), replay.hidden(0 * delta)
+    for i, (start, end) in enumerate(zip(enc.lookup.tolist(), enc.last.tolist())):
+        torch.testing.assert_close(replayed[i, : end - start + 1], full[i, start:end + 1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, replayed)
+    assert (undisturbed - replayed).abs().max() > 1e-2
 
 
 def test_append_targets_worked_example():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -158,6 +159,12 @@ def decoder_body(model: PreTrainedModel) -> torch.nn.Module:
     """The transformer body (final norm included) whose last hidden state feeds the lm_head."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     return decoder if decoder is not None else model.base_model
+
+
+def kv_cache_name(model: PreTrainedModel) -> str:
+    """The KV-cache argument (and output field) of `model.forward`: transformers renamed
+    `past_key_values` to `cache`; an unknown name would vanish into **kwargs and drop the context."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def module_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module:

@@ -9,6 +9,7 @@ The edit state (cumulative Delta W, past keys, templates, ids) is what a sequent
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from unierase.edit.statistics import StopForward, projector_hash
 from unierase.io import atomic_dir, atomic_write_json
-from unierase.models import ModelConfig, chat_prompt, decoder_body, module_by_name
+from unierase.models import ModelConfig, chat_prompt, decoder_body, kv_cache_name, module_by_name
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +430,85 @@ def append_targets(enc: Encoded, owner: Tensor, is_kl: Tensor,
     return extended, torch.tensor(score_row), torch.tensor(score_position), torch.tensor(labels)
 
 
+class SuffixReplay:
+    """The model from layer L's output on, rerun per step only where delta can reach.
+
+    delta enters the residual stream at layer L and at each row's lookup position, so every layer at
+    earlier positions, and layers <= L at all positions, compute the same thing at every step. They run
+    once: the positions before each lookup (the prefix) fill a KV cache, and the rest (the suffix) runs
+    to layer L. A step then runs layers L+1.. on the suffixes only, against that cache. The rows are laid
+    out with their lookups in one column (prefixes left-padded, suffixes right-padded), so delta lands in
+    suffix column 0 of every row. The replay reuses the arguments the decoder passed its layer L+1 (mask,
+    rotary embeddings, cache), so it holds for any decoder whose body has `layers` and `norm`.
+    """
+
+    def __init__(self, model: torch.nn.Module, enc: Encoded, h_module: torch.nn.Module) -> None:
+        body = decoder_body(model)
+        if not hasattr(body, "layers") or not hasattr(body, "norm"):
+            raise ValueError(f"{type(body).__name__} has no `layers` and `norm`: the value optimisation "
+                             "replays the decoder layers after layer L")
+        layers = list(body.layers)
+        if not any(layer is h_module for layer in layers):
+            raise ValueError("the edit's last layer is not one of the decoder's `layers`")
+        self.upper = layers[[layer is h_module for layer in layers].index(True) + 1:]
+        self.norm = body.norm
+        run_device = enc.input_ids.device
+        lookup, last = enc.lookup, enc.last
+        width, length = int(lookup.max()), int((last - lookup).max()) + 1
+        if width == 0:
+            raise ValueError("every row's lookup is its first token: there is no prefix to cache")
+        rows = len(last)
+        prefix = torch.zeros(rows, width, dtype=torch.long, device=run_device)
+        suffix = torch.zeros(rows, length, dtype=torch.long, device=run_device)
+        prefix_mask, suffix_mask = torch.zeros_like(prefix), torch.zeros_like(suffix)
+        for i, (start, end) in enumerate(zip(lookup.tolist(), last.tolist())):
+            prefix[i, width - start:] = enc.input_ids[i, :start]
+            prefix_mask[i, width - start:] = 1
+            suffix[i, : end - start + 1] = enc.input_ids[i, start:end + 1]
+            suffix_mask[i, : end - start + 1] = 1
+        columns = torch.arange(width, device=run_device)
+        prefix_positions = (columns - (width - lookup)[:, None]).clamp_min(0)
+        suffix_positions = lookup[:, None] + torch.arange(length, device=run_device)
+        cache_name = kv_cache_name(model)
+        with torch.no_grad():
+            self.prefix_cache = body(input_ids=prefix, attention_mask=prefix_mask, position_ids=prefix_positions,
+                                     use_cache=True)[cache_name]
+            cache = copy.deepcopy(self.prefix_cache)
+            captured: dict[str, Any] = {}
+
+            def keep_h(module: torch.nn.Module, args: tuple, output: Any) -> None:
+                captured["h"] = _hidden(output)
+                if not self.upper:
+                    raise StopForward
+
+            def keep_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                captured["kwargs"] = kwargs
+                raise StopForward
+
+            handles = [h_module.register_forward_hook(keep_h)]
+            if self.upper:
+                handles.append(self.upper[0].register_forward_pre_hook(keep_arguments, with_kwargs=True))
+            try:
+                with contextlib.suppress(StopForward):
+                    body(input_ids=suffix, attention_mask=torch.cat([prefix_mask, suffix_mask], dim=1),
+                         position_ids=suffix_positions, use_cache=True, **{cache_name: cache})
+            finally:
+                for handle in handles:
+                    handle.remove()
+        self.h = captured["h"]  # h_L on the suffixes: column 0 is each row's lookup
+        self.kwargs = captured.get("kwargs", {})
+        self.cache = cache
+
+    def hidden(self, delta_rows: Tensor) -> Tensor:
+        """Final hidden states of the suffixes with `delta_rows` (rows x d) added to h_L at the lookups."""
+        hidden = torch.cat([self.h[:, :1] + delta_rows.unsqueeze(1).to(self.h.dtype), self.h[:, 1:]], dim=1)
+        fresh = copy.deepcopy(self.prefix_cache)  # the layers append the suffix to the cache they are given
+        kwargs = {name: fresh if value is self.cache else value for name, value in self.kwargs.items()}
+        for layer in self.upper:
+            hidden = _hidden(layer(hidden, **kwargs))
+        return self.norm(hidden)
+
+
 def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: Tensor,
                     targets: Sequence[Sequence[int]], h_module: torch.nn.Module,
                     cfg: EditConfig) -> tuple[Tensor, list[dict[str, float]]]:
@@ -454,21 +534,11 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
     rewrite_count = torch.bincount(owner[rewrite], minlength=n).float()
     tokens_per_row = torch.bincount(score_row, minlength=len(rows)).clamp_min(1).float()
     delta = torch.zeros(n, model.config.hidden_size, device=run_device, requires_grad=True)
-    h0: Tensor | None = None
-
-    def add_delta(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        nonlocal h0
-        hidden = _hidden(output)
-        if h0 is None:
-            h0 = hidden[first, enc.lookup[first]].detach().float()
-        hidden = hidden.index_put((rows, enc.lookup), hidden[rows, enc.lookup] + delta[owner].to(hidden.dtype))
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    # Logits only where supervised (the target tokens; the KL subject position): the vocabulary
-    # projection of whole sequences would dominate time and memory.
+    # Logits only where supervised (the target tokens; the KL subject position), in suffix columns:
+    # the vocabulary projection of whole sequences would dominate time and memory.
     logit_rows = torch.cat([score_row, kl_rows])
-    logit_positions = torch.cat([score_position, enc.lookup[kl_rows]])
-    body, head = decoder_body(model), model.get_output_embeddings()
+    logit_positions = torch.cat([score_position, enc.lookup[kl_rows]]) - enc.lookup[logit_rows]
+    head = model.get_output_embeddings()
     optimiser = torch.optim.Adam([delta], lr=cfg.v_lr)
     kl_initial: Tensor | None = None
     active = torch.ones(n, dtype=torch.bool, device=run_device)
@@ -476,12 +546,13 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
     # Autocast only speeds up the forward/backward; delta, the loss and z* stay float32.
     autocast = (torch.autocast(run_device.type, dtype=getattr(torch, cfg.value_autocast))
                 if cfg.value_autocast else contextlib.nullcontext())
-    with hooks([(h_module, "post", add_delta)]), frozen(model):
+    with frozen(model):
+        with autocast:
+            replay = SuffixReplay(model, enc, h_module)
+        h0 = replay.h[first, 0].detach().float()
         for step in range(cfg.v_steps):
             with autocast:
-                hidden = body(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                              use_cache=False).last_hidden_state
-                logits = head(hidden[logit_rows, logit_positions])
+                logits = head(replay.hidden(delta[owner])[logit_rows, logit_positions])
             target_log_probs = logits[: len(labels)].float().log_softmax(-1)
             token_nll = -target_log_probs[torch.arange(len(labels), device=run_device), labels]
             row_nll = torch.zeros(len(rows), device=run_device).index_add(0, score_row, token_nll) / tokens_per_row

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from unierase.evaluation.metrics import is_refusal
-from unierase.models import device, end_of_turn_ids, package_dir, turn_end_id
+from unierase.models import device, end_of_turn_ids, kv_cache_name, package_dir, turn_end_id
 
 # Errors an auxiliary model raises when it is missing offline, not installed, or not a model dir.
 _LOAD_ERRORS = (ImportError, OSError, ValueError)
@@ -58,12 +57,6 @@ def token_budget(prompt_len: int, max_new_tokens: int | None = None, max_length:
 def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     """Chat-template prompts already carry their special tokens."""
     return [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-
-
-def kv_cache_name(model: PreTrainedModel) -> str:
-    """The KV-cache argument (and output field) of `model.forward`: transformers renamed
-    `past_key_values` to `cache`; an unknown name would vanish into **kwargs and drop the context."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
