@@ -283,6 +283,26 @@ def test_subject_last_position_and_fallback(tiny, tiny_cfg):
     assert int(fallback.lookup[0]) == int(fallback.last[0])
 
 
+def test_capture_reads_keys_and_h_at_the_lookup(tiny, tiny_cfg):
+    """Keys (down_proj inputs) and h_L at each row's subject-last position equal a full forward's,
+    though capture stops at layer L and drops every column after the deepest lookup."""
+    model, tokenizer = tiny
+    cfg = EditConfig(layers=LAYERS, context_templates=TEMPLATES)
+    enc = encode(tokenizer, rewriting_texts(tokenizer, EditRequest(*QUESTIONS[0], 0, "x"), TEMPLATES, cfg, tiny_cfg,
+                                            use_subject=True))
+    assert (enc.lookup < enc.last).all()
+    down_proj = model.model.layers[1].mlp.down_proj
+    keys, h = capture(model, enc, {1: down_proj}, model.model.layers[2], batch_size=2)
+    inputs = []
+    handle = down_proj.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad():
+        out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+    handle.remove()
+    rows = torch.arange(len(enc.last))
+    torch.testing.assert_close(keys[1], inputs[0][rows, enc.lookup].float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h, out.hidden_states[3][rows, enc.lookup].float(), atol=1e-5, rtol=1e-4)
+
+
 def test_reference_layout_generated_templates_and_retain_protection(tiny, tiny_cfg):
     model, tokenizer = tiny
     token_id = with_token(model, tokenizer)

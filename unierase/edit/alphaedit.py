@@ -374,6 +374,8 @@ def capture(model: torch.nn.Module, enc: Encoded, key_modules: dict[int, torch.n
     with hooks(pairs), torch.no_grad():
         for start in range(0, len(enc.last), batch_size):
             chunk = enc.rows(start, start + batch_size)
+            width = int(chunk.lookup.max()) + 1  # causal: nothing after the deepest lookup is needed
+            chunk = Encoded(chunk.input_ids[:, :width], chunk.attention_mask[:, :width], chunk.lookup, chunk.last)
             rows, lookup = torch.arange(len(chunk.last), device=run_device), chunk.lookup.to(run_device)
             with contextlib.suppress(StopForward):
                 forward(model, chunk)
