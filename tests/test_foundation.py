@@ -164,6 +164,7 @@ def test_finetuning_lowers_answer_loss(tiny, tiny_cfg, data_dir):
     losses = finetune(model, tokenizer, data, recipe, tiny_cfg, QUIET)
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 1.0  # nats, averaged over the answer tokens
+    assert all(p.grad is None for p in model.parameters())  # the last step's gradients are not kept
 
 
 def test_target_cache_hit_on_second_build(tiny, tiny_cfg, data_dir, tmp_path):

@@ -46,11 +46,13 @@ def make_trainer(cfg: TrainerConfig, loggers: list | bool = False, **limits: Any
 
 def fit(trainer: L.Trainer, module: L.LightningModule, batches: DataLoader) -> None:
     """`trainer.fit`, then the module back on the device it started on: Lightning's teardown moves it
-    to the CPU, which on a GPU machine would leave every later stage (edit, evaluation) on the CPU."""
+    to the CPU, which on a GPU machine would leave every later stage (edit, evaluation) on the CPU.
+    The last step's gradients are dropped: held, they cost a model's worth of memory in every later stage."""
     start = next(module.parameters()).device
     try:
         trainer.fit(module, batches)
     finally:
+        module.zero_grad(set_to_none=True)
         module.to(start)
 
 
