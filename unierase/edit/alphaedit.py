@@ -449,10 +449,10 @@ class SuffixReplay:
         if not hasattr(body, "layers") or not hasattr(body, "norm"):
             raise ValueError(f"{type(body).__name__} has no `layers` and `norm`: the value optimisation "
                              "replays the decoder layers after layer L")
-        layers = list(body.layers)
-        if not any(layer is h_module for layer in layers):
+        is_last = [layer is h_module for layer in body.layers]
+        if not any(is_last):
             raise ValueError("the edit's last layer is not one of the decoder's `layers`")
-        self.upper = layers[[layer is h_module for layer in layers].index(True) + 1:]
+        self.upper = list(body.layers)[is_last.index(True) + 1:]
         self.norm = body.norm
         run_device = enc.input_ids.device
         lookup, last = enc.lookup, enc.last
