@@ -51,6 +51,19 @@ def test_batch_baseline_writes_the_run_directory(tmp_path, data_dir):
     assert versions["packages"]["torch"] and versions["device"] == "cpu"
 
 
+def test_target_built_in_a_child_process_equals_one_built_here(tmp_path, data_dir):
+    """target.build_in_subprocess: the job's target comes from a spawned process, and is the same model."""
+    child_cache = isolated_cache(tmp_path / "child")
+    child, _ = run_job(tmp_path, ["method=ga_gd", "target.build_in_subprocess=true"], child_cache, "child")
+    here, _ = run_job(tmp_path, ["method=ga_gd"], isolated_cache(tmp_path / "here"), "here")
+    assert child["memory.build_peak_rss_gb"] > 0.1 and here["memory.build_peak_rss_gb"] == 0.0
+    assert child["memory.peak_rss_gb"] >= child["memory.build_peak_rss_gb"]
+    (target,) = (child_cache / "targets").glob("target-*")
+    assert (target / "build.json").is_file()
+    assert child["cl.forget.rouge"] == pytest.approx(here["cl.forget.rouge"])
+    assert child["cl.forget.prob"] == pytest.approx(here["cl.forget.prob"], rel=1e-4)
+
+
 def test_unierase_batch_edits_and_reuses_caches(tmp_path, data_dir):
     cache = isolated_cache(tmp_path)
     first, run_dir = run_job(tmp_path, TINY_UNIERASE, cache, "first")

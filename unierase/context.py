@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from benchmarks.base import Benchmark
 from benchmarks.real_world import RealWorldConfig, load_real_world
 from benchmarks.tofu import TofuConfig, load_tofu
-from unierase.finetune import FinetuneConfig, cached_finetune
+from unierase.finetune import FinetuneConfig, build_in_child, cached_finetune, finetuned_dir, is_built
 from unierase.io import stable_hash
 from unierase.models import ModelConfig, load_model
 from unierase.training import TrainerConfig
@@ -46,6 +46,7 @@ class RunContext:
     trainer_cfg: TrainerConfig
     loggers: list[Logger] = field(default_factory=list)
     model_id: str = ""  # identity of the model being unlearned (the target), for cache keys
+    build_peak_rss_gb: float = 0.0  # this process + a child building a fine-tuned model (0: none built)
 
     @property
     def seed(self) -> int:
@@ -63,10 +64,28 @@ class RunContext:
     def load_base(self) -> tuple[PreTrainedModel, Any]:
         return load_model(self.model_cfg, self.cache_dir, seed=self.seed)
 
+    def recipe(self) -> FinetuneConfig:
+        return typed(OmegaConf.masked_copy(self.cfg.target, list(FinetuneConfig.__dataclass_fields__)), FinetuneConfig)
+
     def finetuned(self, base: PreTrainedModel, tokenizer: Any, data: list, kind: str) -> tuple[PreTrainedModel, Path]:
-        recipe = typed(OmegaConf.masked_copy(self.cfg.target, list(FinetuneConfig.__dataclass_fields__)), FinetuneConfig)
-        return cached_finetune(base, tokenizer, self.base_id, data, recipe, self.model_cfg,
+        return cached_finetune(base, tokenizer, self.base_id, data, self.recipe(), self.model_cfg,
                                self.trainer_cfg, self.cache_dir / "targets", kind)
+
+    def build_in_children(self, benchmark: Benchmark, with_reference: bool) -> None:
+        """Build a missing target (and retain reference) each in its own process (target.build_in_subprocess),
+        so that fine-tuning's memory is returned before the method runs; `target()` then loads them."""
+        if benchmark.target_train is None or not self.cfg.target.build_in_subprocess:
+            return
+        builds = [(benchmark.target_train, "target")]
+        if with_reference and self.cfg.target.build_retain_reference:
+            builds.append((benchmark.retain_train, "retain_reference"))
+        recipe = self.recipe()
+        for data, kind in builds:
+            directory = finetuned_dir(self.cache_dir / "targets", kind, self.base_id, data, recipe, self.model_cfg)
+            if not is_built(directory):
+                held = build_in_child(self.model_cfg, self.cache_dir, self.seed, self.base_id, data, recipe,
+                                      self.trainer_cfg, directory, kind)
+                self.build_peak_rss_gb = max(self.build_peak_rss_gb, held)
 
     def target(self, base: PreTrainedModel, tokenizer: Any, benchmark: Benchmark) -> tuple[PreTrainedModel, str]:
         """The model that knows the forget set, and its identity for later cache keys."""

@@ -94,8 +94,9 @@ def model_references(ctx: RunContext, target, tokenizer, benchmark: Benchmark) -
 
 
 def stage_unlearn(ctx: RunContext) -> dict:
-    base, tokenizer = ctx.load_base()
     benchmark = load_benchmark(ctx.cfg.benchmark)
+    ctx.build_in_children(benchmark, with_reference="ou" in ctx.cfg.eval.families)
+    base, tokenizer = ctx.load_base()
     target, ctx.model_id = ctx.target(base, tokenizer, benchmark)
     benchmark = model_references(ctx, target, tokenizer, benchmark)
     retain_tr = retain_reference_truth_ratios(ctx, base, tokenizer, benchmark) if "ou" in ctx.cfg.eval.families else None
@@ -134,8 +135,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         loggers=make_loggers(cfg, run_dir),
     )
     start = time.perf_counter()
-    result = STAGES[cfg.stage](ctx) | {"time.total_s": time.perf_counter() - start,
-                                       "memory.peak_rss_gb": peak_rss_gb()}
+    result = STAGES[cfg.stage](ctx)
+    # The job's peak: this process's, or this process and a child building a model together.
+    result |= {"time.total_s": time.perf_counter() - start, "memory.peak_rss_gb": max(peak_rss_gb(), ctx.build_peak_rss_gb),
+               "memory.build_peak_rss_gb": ctx.build_peak_rss_gb}
     atomic_write_json(run_dir / "metrics.json", result)
     finish(ctx.loggers, result, run_dir)
     return result

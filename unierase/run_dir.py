@@ -32,17 +32,30 @@ def versions() -> dict[str, Any]:
     }
 
 
+def _status_gb(field: str) -> float | None:
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1e6  # kB
+    return None
+
+
+def current_rss_gb() -> float:
+    """This process's resident memory now in GB; without /proc, its peak so far (an upper bound)."""
+    now = _status_gb("VmRSS")
+    return now if now is not None else peak_rss_gb()
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident memory in GB (1e9 bytes).
 
     Linux's VmHWM belongs to the current address space; `getrusage`'s ru_maxrss survives exec, so a job
     started from a large parent (a benchmark holding a model) would report the parent's peak as its own.
     """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1e6  # kB
+    peak = _status_gb("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
