@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from unierase.models import IGNORE_INDEX
+
 PARTS = ("forget", "retain", "forget_idk", "retain_idk")
 
 

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from benchmarks.base import Benchmark
 from benchmarks.real_world import RealWorldConfig, load_real_world
 from benchmarks.tofu import TofuConfig, load_tofu
-from unierase.finetune import FinetuneConfig, build_in_child, cached_finetune, finetuned_dir, is_built
+from unierase.finetune import TargetConfig, build_in_child, cached_finetune, finetuned_dir, is_built
 from unierase.io import stable_hash
 from unierase.models import ModelConfig, load_model
 from unierase.training import TrainerConfig
@@ -64,27 +64,30 @@ class RunContext:
     def load_base(self) -> tuple[PreTrainedModel, Any]:
         return load_model(self.model_cfg, self.cache_dir, seed=self.seed)
 
-    def recipe(self) -> FinetuneConfig:
-        return typed(OmegaConf.masked_copy(self.cfg.target, list(FinetuneConfig.__dataclass_fields__)), FinetuneConfig)
+    @property
+    def target_cfg(self) -> TargetConfig:
+        return typed(self.cfg.target, TargetConfig)
 
     def finetuned(self, base: PreTrainedModel, tokenizer: Any, data: list, kind: str) -> tuple[PreTrainedModel, Path]:
-        return cached_finetune(base, tokenizer, self.base_id, data, self.recipe(), self.model_cfg,
-                               self.trainer_cfg, self.cache_dir / "targets", kind)
+        target_cfg = self.target_cfg
+        return cached_finetune(base, tokenizer, self.base_id, data, target_cfg.recipe(), self.model_cfg,
+                               self.trainer_cfg, self.cache_dir / "targets", kind, target_cfg.gradient_checkpointing)
 
     def build_in_children(self, benchmark: Benchmark, with_reference: bool) -> None:
         """Build a missing target (and retain reference) each in its own process (target.build_in_subprocess),
         so that fine-tuning's memory is returned before the method runs; `target()` then loads them."""
-        if benchmark.target_train is None or not self.cfg.target.build_in_subprocess:
+        target_cfg = self.target_cfg
+        if benchmark.target_train is None or not target_cfg.build_in_subprocess:
             return
         builds = [(benchmark.target_train, "target")]
-        if with_reference and self.cfg.target.build_retain_reference:
+        if with_reference and target_cfg.build_retain_reference:
             builds.append((benchmark.retain_train, "retain_reference"))
-        recipe = self.recipe()
+        recipe = target_cfg.recipe()
         for data, kind in builds:
             directory = finetuned_dir(self.cache_dir / "targets", kind, self.base_id, data, recipe, self.model_cfg)
             if not is_built(directory):
                 held = build_in_child(self.model_cfg, self.cache_dir, self.seed, self.base_id, data, recipe,
-                                      self.trainer_cfg, directory, kind)
+                                      self.trainer_cfg, directory, kind, target_cfg.gradient_checkpointing)
                 self.build_peak_rss_gb = max(self.build_peak_rss_gb, held)
 
     def target(self, base: PreTrainedModel, tokenizer: Any, benchmark: Benchmark) -> tuple[PreTrainedModel, str]:
@@ -97,6 +100,6 @@ class RunContext:
     def retain_reference(self, base: PreTrainedModel, tokenizer: Any,
                          benchmark: Benchmark) -> tuple[PreTrainedModel, Path] | None:
         """The same recipe without the forget split (for forget quality); None where not applicable."""
-        if benchmark.target_train is None or not self.cfg.target.build_retain_reference:
+        if benchmark.target_train is None or not self.target_cfg.build_retain_reference:
             return None
         return self.finetuned(base, tokenizer, benchmark.retain_train, "retain_reference")

@@ -12,11 +12,12 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from benchmarks.base import QA
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
-from unierase.models import ModelConfig, encode_qa, load_model, load_saved, save_model
+from unierase.models import IGNORE_INDEX, ModelConfig, decoder_body, encode_qa, load_model, load_saved, save_model
 from unierase.run_dir import current_rss_gb, peak_rss_gb
 from unierase.training import TrainerConfig, fit, loader, make_trainer
 
@@ -33,6 +34,28 @@ class FinetuneConfig:
     seed: int = 0
 
 
+@dataclass
+class TargetConfig(FinetuneConfig):
+    """The config's `target` node: the fine-tuning recipe plus which models to build, and where."""
+    build_retain_reference: bool = True
+    build_in_subprocess: bool = True
+    gradient_checkpointing: bool = True  # recompute activations in the backward: the same model, less memory
+
+    def recipe(self) -> FinetuneConfig:
+        return FinetuneConfig(**{name: getattr(self, name) for name in FinetuneConfig.__dataclass_fields__})
+
+
+def answer_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`model(**batch).loss` (mean next-token NLL over the labelled tokens), with the vocabulary projected
+    only at labelled positions: whole-sequence logits and their float32 copies are most of the memory a
+    fine-tuning step adds to the model and optimiser state."""
+    hidden = decoder_body(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    labelled = labels != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][labelled])
+    return F.cross_entropy(logits.float(), labels[labelled])
+
+
 class AnswerLossFineTuner(L.LightningModule):
     """Full fine-tuning with the causal-LM loss on answer tokens only, AdamW."""
 
@@ -44,7 +67,7 @@ class AnswerLossFineTuner(L.LightningModule):
         self.losses: list[float] = []
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        loss = answer_loss(self.model, batch)
         self.losses.append(loss.item())
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -55,17 +78,23 @@ class AnswerLossFineTuner(L.LightningModule):
 
 def finetune(
     model: PreTrainedModel, tokenizer: Any, data: list[QA], recipe: FinetuneConfig,
-    model_cfg: ModelConfig, trainer_cfg: TrainerConfig,
+    model_cfg: ModelConfig, trainer_cfg: TrainerConfig, gradient_checkpointing: bool = False,
 ) -> list[float]:
     """Fine-tune `model` in place on `data`; returns the per-step loss curve."""
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     items = [encode_qa(tokenizer, qa.question, qa.training_answer, model_cfg, recipe.max_length, pad=False)
              for qa in data]
     module = AnswerLossFineTuner(model, recipe.lr, recipe.weight_decay)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    fit(make_trainer(trainer_cfg, max_epochs=recipe.epochs), module,
-        loader(items, recipe.batch_size, shuffle=True, seed=recipe.seed))
-    model.eval()
+    try:
+        fit(make_trainer(trainer_cfg, max_epochs=recipe.epochs), module,
+            loader(items, recipe.batch_size, shuffle=True, seed=recipe.seed))
+    finally:
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()  # later training stages choose for themselves
+        model.eval()
     return module.losses
 
 
@@ -87,11 +116,12 @@ def is_built(directory: Path) -> bool:
 def build_finetuned(
     model: PreTrainedModel, tokenizer: Any, base_id: str, data: list[QA], recipe: FinetuneConfig,
     model_cfg: ModelConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str,
+    gradient_checkpointing: bool = False,
 ) -> None:
     """Fine-tune `model` in place and save it (with its loss curve) to `directory`, atomically."""
     log.info("building %s model on %d QA (%s)", kind, len(data), directory)
     start = time.perf_counter()
-    losses = finetune(model, tokenizer, data, recipe, model_cfg, trainer_cfg)
+    losses = finetune(model, tokenizer, data, recipe, model_cfg, trainer_cfg, gradient_checkpointing)
     seconds = time.perf_counter() - start
     with atomic_dir(directory) as tmp:
         save_model(model, tokenizer, tmp)
@@ -104,6 +134,7 @@ def build_finetuned(
 def cached_finetune(
     base: PreTrainedModel, tokenizer: Any, base_id: str, data: list[QA], recipe: FinetuneConfig,
     model_cfg: ModelConfig, trainer_cfg: TrainerConfig, cache_dir: Path, kind: str,
+    gradient_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel, Path]:
     """Return the fine-tuned model, from `cache_dir/<kind>-<hash>` when it exists.
 
@@ -115,21 +146,25 @@ def cached_finetune(
         return load_saved(directory, like=base), directory
     model = type(base)(base.config).to(base.device)
     model.load_state_dict(base.state_dict())
-    build_finetuned(model, tokenizer, base_id, data, recipe, model_cfg, trainer_cfg, directory, kind)
+    build_finetuned(model, tokenizer, base_id, data, recipe, model_cfg, trainer_cfg, directory, kind,
+                    gradient_checkpointing)
     return model, directory
 
 
 def _build_from_base(model_cfg: ModelConfig, base_cache: Path, seed: int, base_id: str, data: list[QA],
-                     recipe: FinetuneConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str) -> float:
+                     recipe: FinetuneConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str,
+                     gradient_checkpointing: bool) -> float:
     """The child process of `build_in_child`: load the base, fine-tune it, save; returns the child's peak RSS."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", force=True)
     base, tokenizer = load_model(model_cfg, base_cache, seed=seed)
-    build_finetuned(base, tokenizer, base_id, data, recipe, model_cfg, trainer_cfg, directory, kind)
+    build_finetuned(base, tokenizer, base_id, data, recipe, model_cfg, trainer_cfg, directory, kind,
+                    gradient_checkpointing)
     return peak_rss_gb()
 
 
 def build_in_child(model_cfg: ModelConfig, base_cache: Path, seed: int, base_id: str, data: list[QA],
-                   recipe: FinetuneConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str) -> float:
+                   recipe: FinetuneConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str,
+                   gradient_checkpointing: bool = False) -> float:
     """Build a fine-tuned model into `directory` in a fresh (spawned) process.
 
     The training memory (optimiser state, activations, pages the allocator keeps after freeing them)
@@ -140,7 +175,7 @@ def build_in_child(model_cfg: ModelConfig, base_cache: Path, seed: int, base_id:
     log.info("building %s in a child process", kind)
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         child_peak = pool.submit(_build_from_base, model_cfg, base_cache, seed, base_id, data, recipe,
-                                 trainer_cfg, directory, kind).result()
+                                 trainer_cfg, directory, kind, gradient_checkpointing).result()
     if not is_built(directory):
         raise RuntimeError(f"the child process that built {kind} left nothing at {directory}")
     return held + child_peak

@@ -203,6 +203,8 @@ def chat_prompt(tokenizer: Any, question: str, cfg: ModelConfig) -> str:
         messages, tokenize=False, add_generation_prompt=True, date_string=cfg.date_string
     )
 
+IGNORE_INDEX = -100  # a label that is not scored (prompt, padding): torch's and transformers' convention
+
 
 def encode_qa(
     tokenizer: Any, question: str, answer: str, cfg: ModelConfig, max_length: int, pad: bool = True
@@ -215,12 +217,12 @@ def encode_qa(
     prompt_ids = tokenizer(chat_prompt(tokenizer, question, cfg), add_special_tokens=False).input_ids
     answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [turn_end_id(tokenizer)]
     input_ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
     pad = max_length - len(input_ids) if pad else 0
     return {
         "input_ids": torch.tensor(input_ids + [tokenizer.pad_token_id] * pad),
         "attention_mask": torch.tensor([1] * len(input_ids) + [0] * pad),
-        "labels": torch.tensor(labels + [-100] * pad),
+        "labels": torch.tensor(labels + [IGNORE_INDEX] * pad),
     }
 
 

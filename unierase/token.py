@@ -35,13 +35,12 @@ from transformers import AddedToken, PreTrainedModel
 
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.models import (
-    ModelConfig, chat_prompt, decoder_body, encode_qa, end_of_turn_ids, module_by_name, untie_output_embeddings,
+    IGNORE_INDEX, ModelConfig, chat_prompt, decoder_body, encode_qa, end_of_turn_ids, module_by_name, untie_output_embeddings,
 )
 from unierase.training import TensorDictDataset, TrainerConfig, fit, make_trainer
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 TOKEN_TEMPLATE = "<unlearn_{}>"
 FORMATS = ("plain", "chat")
 PERTURB_MODES = ("relative_std", "reference", "absolute", "none")
@@ -226,7 +225,7 @@ def mask_labels(input_ids: Sequence[int], token_id: int) -> list[int]:
     labels = list(input_ids)
     for i in range(len(labels)):
         if i <= p0 or i >= p1 + 2:
-            labels[i] = IGNORE
+            labels[i] = IGNORE_INDEX
     return labels
 
 
@@ -386,7 +385,7 @@ class UnlearningTokenModule(L.LightningModule):
     # -- forward / loss
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
-        supervised = (labels != IGNORE).any(dim=0).nonzero()
+        supervised = (labels != IGNORE_INDEX).any(dim=0).nonzero()
         n = int(supervised.max()) + 1  # causal + right padding: later positions cannot matter
         input_ids, attention_mask, labels = (
             batch["input_ids"][:, :n], batch["attention_mask"][:, :n], labels[:, :n]
@@ -399,7 +398,7 @@ class UnlearningTokenModule(L.LightningModule):
         embeds = torch.where(is_new.unsqueeze(-1), rows[slot.clamp(min=0)].to(embeds.dtype), embeds)
         hidden = decoder_body(self.model)(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
-        mask = targets != IGNORE
+        mask = targets != IGNORE_INDEX
         h = hidden[:, :-1][mask]
         logits = self.logits(h, rows, present)
         return F.cross_entropy(logits.float(), targets[mask])

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from unierase.models import IGNORE_INDEX
+
 
 @dataclass
 class TrainerConfig:
@@ -56,7 +58,7 @@ def fit(trainer: L.Trainer, module: L.LightningModule, batches: DataLoader) -> N
         module.to(start)
 
 
-PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
 
 
 def pad_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
