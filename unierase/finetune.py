@@ -49,7 +49,8 @@ def answer_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch
     """`model(**batch).loss` (mean next-token NLL over the labelled tokens), with the vocabulary projected
     only at labelled positions: whole-sequence logits and their float32 copies are most of the memory a
     fine-tuning step adds to the model and optimiser state."""
-    hidden = decoder_body(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    body = decoder_body(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]
     labelled = labels != IGNORE_INDEX
     logits = model.get_output_embeddings()(hidden[:, :-1][labelled])
@@ -155,7 +156,7 @@ def _build_from_base(model_cfg: ModelConfig, base_cache: Path, seed: int, base_i
                      recipe: FinetuneConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str,
                      gradient_checkpointing: bool) -> float:
     """The child process of `build_in_child`: load the base, fine-tune it, save; returns the child's peak RSS."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s", force=True)
     base, tokenizer = load_model(model_cfg, base_cache, seed=seed)
     build_finetuned(base, tokenizer, base_id, data, recipe, model_cfg, trainer_cfg, directory, kind,
                     gradient_checkpointing)
