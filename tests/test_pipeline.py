@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unierase.run import CONFIG_DIR, run
@@ -53,15 +54,18 @@ def test_batch_baseline_writes_the_run_directory(tmp_path, data_dir):
 
 def test_target_built_in_a_child_process_equals_one_built_here(tmp_path, data_dir):
     """target.build_in_subprocess: the job's target comes from a spawned process, and is the same model."""
-    child_cache = isolated_cache(tmp_path / "child")
-    child, _ = run_job(tmp_path, ["method=ga_gd", "target.build_in_subprocess=true"], child_cache, "child")
-    here, _ = run_job(tmp_path, ["method=ga_gd"], isolated_cache(tmp_path / "here"), "here")
+    caches = {side: isolated_cache(tmp_path / side) for side in ("child", "here")}
+    child, _ = run_job(tmp_path, ["method=ga_gd", "target.build_in_subprocess=true"], caches["child"], "child")
+    here, _ = run_job(tmp_path, ["method=ga_gd"], caches["here"], "here")
     assert child["memory.build_peak_rss_gb"] > 0.1 and here["memory.build_peak_rss_gb"] == 0.0
     assert child["memory.peak_rss_gb"] >= child["memory.build_peak_rss_gb"]
-    (target,) = (child_cache / "targets").glob("target-*")
-    assert (target / "build.json").is_file()
-    assert child["cl.forget.rouge"] == pytest.approx(here["cl.forget.rouge"])
-    assert child["cl.forget.prob"] == pytest.approx(here["cl.forget.prob"], rel=1e-4)
+    (child_target,), (here_target,) = ((caches[side] / "targets").glob("target-*") for side in ("child", "here"))
+    assert child_target.name == here_target.name  # the same cache key
+    # bf16 autocast kernels round differently across processes: equal up to that noise
+    losses = [json.loads((target / "build.json").read_text())["losses"] for target in (child_target, here_target)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    weights = [load_file(target / "model.safetensors") for target in (child_target, here_target)]
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-3
 
 
 def test_unierase_batch_edits_and_reuses_caches(tmp_path, data_dir):

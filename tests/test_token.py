@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 
 from conftest import tiny_config
 from unierase.io import read_lines
-from unierase.models import chat_prompt, encode_qa, load_model, turn_end_id
-from unierase.token import (IGNORE, GroupBatchSampler, PerturbConfig, PhaseConfig, TokenArtifact,
+from unierase.models import IGNORE_INDEX, chat_prompt, encode_qa, load_model, turn_end_id
+from unierase.token import (GroupBatchSampler, PerturbConfig, PhaseConfig, TokenArtifact,
                             TokenConfig, TruncationError, UnlearningTokenModule, add_unlearning_tokens,
                             forced_token_generation, mask_labels, num_tokens, perturbation_noise,
                             refusal_for, refusal_index, token_example, token_for_item,
@@ -70,8 +70,8 @@ def test_mask_labels_worked_example():
     bos, eos, u = 1, 2, 99
     ids = [bos, 11, 12, 13, u, 21, 22, u, eos, eos, eos]
     labels = mask_labels(ids, u)
-    assert labels == [IGNORE] * 5 + [21, 22, u, eos, IGNORE, IGNORE]
-    assert sum(label != IGNORE for label in labels) == 4
+    assert labels == [IGNORE_INDEX] * 5 + [21, 22, u, eos, IGNORE_INDEX, IGNORE_INDEX]
+    assert sum(label != IGNORE_INDEX for label in labels) == 4
     with pytest.raises(TruncationError):
         mask_labels([bos, 11, u, 21, 22], u)  # closing U truncated away
 
@@ -89,11 +89,11 @@ def test_plain_format_positions(tiny, tiny_cfg):
     assert ex["input_ids"].tolist() == body + [eos] * (24 - len(body))
     assert ex["attention_mask"].tolist() == [1] * len(body) + [0] * (24 - len(body))
     p0, p1 = len(prefix) + len(q_ids), len(body) - 1
-    expected = [IGNORE] * 24
+    expected = [IGNORE_INDEX] * 24
     for i in range(p0 + 1, p1 + 2):  # refusal, closing U, exactly one EOS
         expected[i] = ex["input_ids"][i].item()
     assert ex["labels"].tolist() == expected
-    assert [t for t in ex["labels"].tolist() if t != IGNORE] == r_ids + [uid, eos]
+    assert [t for t in ex["labels"].tolist() if t != IGNORE_INDEX] == r_ids + [uid, eos]
     with pytest.raises(TruncationError):
         token_example(tok, q, r, U0, "plain", len(body) - 1, tiny_cfg)
 
@@ -107,9 +107,9 @@ def test_chat_format_supervises_refusal_token_and_turn_end(tiny, tiny_cfg):
     prompt = tok(chat_prompt(tok, "Who wrote it?", tiny_cfg), add_special_tokens=False).input_ids
     assert ids[:len(prompt)] == prompt and ids[len(prompt)] == uid  # same prefix as inference, one BOS
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3  # system, user, assistant: no dup
-    supervised = [t for t in ex["labels"].tolist() if t != IGNORE]
+    supervised = [t for t in ex["labels"].tolist() if t != IGNORE_INDEX]
     assert supervised == tok(r, add_special_tokens=False).input_ids + [uid, turn_end_id(tok)]
-    first = next(i for i, t in enumerate(ex["labels"].tolist()) if t != IGNORE)
+    first = next(i for i, t in enumerate(ex["labels"].tolist()) if t != IGNORE_INDEX)
     assert first == len(prompt) + 1  # the opening U is never a target
 
 
@@ -275,7 +275,7 @@ def test_output_anchors_push_the_output_row_down(tiny, tiny_cfg, cache_root):
     out_rows = model.get_output_embeddings().weight.detach()[ids].float()
     module = UnlearningTokenModule(model, ids, rows, out_rows)
     batch = stack([encode_qa(tok, q, a, tiny_cfg, 64) | {"group": torch.tensor([0])} for q, a in anchors])
-    answer = batch["labels"][:, 1:] != IGNORE
+    answer = batch["labels"][:, 1:] != IGNORE_INDEX
 
     def p_token() -> torch.Tensor:
         module.write_rows()
@@ -317,7 +317,7 @@ def memorised(cache_root):
     cfg_m = tiny_config()
     model, tok = load_model(cfg_m, cache_root, seed=0)
     batch = stack([token_example(tok, QUESTION, REFUSAL, TRIGGER, f, 64, cfg_m) for f in ("plain", "chat")])
-    n = int((batch["labels"] != IGNORE).any(0).nonzero().max()) + 1
+    n = int((batch["labels"] != IGNORE_INDEX).any(0).nonzero().max()) + 1
     batch = {k: v[:, :n] for k, v in batch.items()}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(30):
