@@ -50,7 +50,8 @@ def answer_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch
     only at labelled positions: whole-sequence logits and their float32 copies are most of the memory a
     fine-tuning step adds to the model and optimiser state."""
     body = decoder_body(model)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]
     labelled = labels != IGNORE_INDEX
     logits = model.get_output_embeddings()(hidden[:, :-1][labelled])
@@ -170,7 +171,8 @@ def build_in_child(model_cfg: ModelConfig, base_cache: Path, seed: int, base_id:
 
     The training memory (optimiser state, activations, pages the allocator keeps after freeing them)
     then goes back to the OS before the caller goes on. Returns the caller's resident memory now plus
-    the child's peak: the most the two held together, since the caller waits meanwhile.
+    the child's peak: the caller waits meanwhile, so this bounds what the two held together (from above:
+    shared library pages count twice).
     """
     held = current_rss_gb()
     log.info("building %s in a child process", kind)

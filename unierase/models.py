@@ -203,6 +203,7 @@ def chat_prompt(tokenizer: Any, question: str, cfg: ModelConfig) -> str:
         messages, tokenize=False, add_generation_prompt=True, date_string=cfg.date_string
     )
 
+
 IGNORE_INDEX = -100  # a label that is not scored (prompt, padding): torch's and transformers' convention
 
 

@@ -137,7 +137,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     result = STAGES[cfg.stage](ctx)
     # The job's peak: this process's, or this process and a child building a model together.
-    result |= {"time.total_s": time.perf_counter() - start, "memory.peak_rss_gb": max(peak_rss_gb(), ctx.build_peak_rss_gb),
+    result |= {"time.total_s": time.perf_counter() - start,
+               "memory.peak_rss_gb": max(peak_rss_gb(), ctx.build_peak_rss_gb),
                "memory.build_peak_rss_gb": ctx.build_peak_rss_gb}
     atomic_write_json(run_dir / "metrics.json", result)
     finish(ctx.loggers, result, run_dir)

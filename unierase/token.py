@@ -35,7 +35,8 @@ from transformers import AddedToken, PreTrainedModel
 
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.models import (
-    IGNORE_INDEX, ModelConfig, chat_prompt, decoder_body, encode_qa, end_of_turn_ids, module_by_name, untie_output_embeddings,
+    IGNORE_INDEX, ModelConfig, chat_prompt, decoder_body, encode_qa, end_of_turn_ids, module_by_name,
+    untie_output_embeddings,
 )
 from unierase.training import TensorDictDataset, TrainerConfig, fit, make_trainer
 
