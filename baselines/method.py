@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from baselines.data import PairedUnlearningDataset, collate_paired
 from baselines.module import UnlearningModule, needs_reference, required_parts
-from benchmarks.base import QA, Benchmark
+from unierase.records import QA, Benchmark
 from unierase.context import RunContext
 from unierase.io import atomic_write_json
 from unierase.method import Unlearner

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from benchmarks.base import QA, Benchmark
+from unierase.records import QA, Benchmark
 from benchmarks.tofu import refusal_pool
 from unierase.io import DataError, read_jsonl
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.base import QA, Benchmark
+from unierase.records import QA, Benchmark
 from unierase.io import DataError, read_jsonl, read_lines
 
 SPLIT_SIZES = {"forget01": 40, "forget05": 200, "forget10": 400}

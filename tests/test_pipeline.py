@@ -124,7 +124,7 @@ def test_precise_requests_one_pair_each(tmp_path, data_dir):
 
 
 def test_precise_siblings_and_survival_ratio_on_a_hand_built_case():
-    from benchmarks.base import QA, Benchmark
+    from unierase.records import QA, Benchmark
     from unierase.settings import _ratio, siblings
 
     rows = [QA(uid=f"u{i}", question=f"q{i}", answer="a", group="A" if i < 3 else "B") for i in range(5)]

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
-from benchmarks.base import Benchmark
+from unierase.records import Benchmark
 from benchmarks.real_world import RealWorldConfig, load_real_world
 from benchmarks.tofu import TofuConfig, load_tofu
 from unierase.finetune import TargetConfig, build_in_child, cached_finetune, finetuned_dir, is_built

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from benchmarks.base import QA
+from unierase.records import QA
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.models import IGNORE_INDEX, ModelConfig, decoder_body, encode_qa, load_model, load_saved, save_model
 from unierase.run_dir import current_rss_gb, peak_rss_gb

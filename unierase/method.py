@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from benchmarks.base import QA, Benchmark
+from unierase.records import QA, Benchmark
 from unierase.context import RunContext
 from unierase.models import load_saved, save_model
 

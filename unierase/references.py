@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from benchmarks.base import Benchmark
+from unierase.records import Benchmark
 from unierase.evaluation.engine import generate
 from unierase.io import atomic_write_json, atomic_write_jsonl, stable_hash
 from unierase.models import ModelConfig, autocast_dtype, chat_prompt

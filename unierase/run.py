@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from baselines.method import BaselineConfig, FinetuneUnlearner
-from benchmarks.base import QA, Benchmark
+from unierase.records import QA, Benchmark
 from benchmarks.real_world import with_answers
 from unierase.context import RunContext, load_benchmark, typed
 from unierase.evaluation.knowledge import EvalConfig, evaluate_knowledge, read_forget_truth_ratios

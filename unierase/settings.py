@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from transformers import PreTrainedModel
 
-from benchmarks.base import QA, Benchmark
+from unierase.records import QA, Benchmark
 from unierase.context import RunContext
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.loggers import log_metrics

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from benchmarks.base import QA, Benchmark
+from unierase.records import QA, Benchmark
 from unierase.context import RunContext
 from unierase.edit.alphaedit import EditConfig, EditRequest, EditState, apply_edits, edited_fraction
 from unierase.edit.statistics import nullspace_projectors, second_moments

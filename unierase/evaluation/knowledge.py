@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from transformers import PreTrainedModel
 
-from benchmarks.base import QA, Benchmark
+from unierase.records import QA, Benchmark
 from unierase.evaluation import metrics as m
 from unierase.evaluation.engine import (
     RefusalDetector, answer_nll, decode_new, generate_ids, load_encoder, load_nli, prompt_ids, token_budget,

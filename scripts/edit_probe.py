@@ -2,7 +2,7 @@
 chunk), then closed-form variants, each reporting how often the first answer token becomes U and
 whether forced `question + U` still continues with a refusal (Stage A's behaviour) after the edit.
 
-    python -m benchmarks.edit_probe outputs/cache/targets/<target> outputs/cache/tokens/<token> \\
+    python -m scripts.edit_probe outputs/cache/targets/<target> outputs/cache/tokens/<token> \\
         outputs/cache/statistics/mom2-<key> '[{"tau": 0.02, "L2": 1, "token_keys": 10}]'
 
 Variant keys: tau (null-space threshold; null = no projector), L2, c0 (weight of C0 added to the

@@ -1,7 +1,7 @@
 """Probe Stage A alone: train an unlearning token on the demo target with given knobs, then report
 how often `question + <unlearn_0>` continues with a refusal and whether U leaks into ordinary answers.
 
-    python -m benchmarks.token_probe outputs/cache/targets/<target> '{"untie_output": true, ...}'
+    python -m scripts.token_probe outputs/cache/targets/<target> '{"untie_output": true, ...}'
 
 The JSON holds TokenConfig overrides (unierase/token.py). Used for the token variants in RESULTS.md.
 """

@@ -3,7 +3,7 @@
 For timing only, where the weights cannot travel (a device machine takes at most 64 MiB of files; the
 SmolLM2 GGUF is 98 MB): speed depends on shapes, not values. Metrics of such a model mean nothing.
 
-    python -m benchmarks.random_weights SOURCE_DIR OUT_DIR   # SOURCE_DIR: config.json + tokenizer files
+    python -m scripts.random_weights SOURCE_DIR OUT_DIR   # SOURCE_DIR: config.json + tokenizer files
 """
 from __future__ import annotations
 

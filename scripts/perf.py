@@ -1,9 +1,9 @@
-"""Performance benchmark: prints figures and writes BENCHMARKS.md (run: `python -m benchmarks.perf`).
+"""Performance benchmark: prints figures and writes BENCHMARKS.md (run: `python -m scripts.perf`).
 
 Every comparison runs side by side in one invocation on the same inputs, so ratios are meaningful on a
 noisy machine even when absolute numbers are not. Model: the cached demo target when given
 (`--model DIR`), else the base: the embedded SmolLM2, or `--base DIR`, any local HF directory, which the
-method jobs then start from too (on a device machine: `benchmarks.random_weights`, SmolLM2's architecture
+method jobs then start from too (on a device machine: `scripts.random_weights`, SmolLM2's architecture
 with random weights, since the weights cannot travel there). The method comparisons (`requests`, `pipeline`) run
 each method as its own `unierase` job (a subprocess, so each job's peak RSS is its own) and compare
 the jobs' `time.unlearn_s` (evaluation excluded). On a GPU machine the same command measures the CUDA
@@ -200,7 +200,7 @@ def main() -> None:
     peak_gb = peak_rss_gb()
     env = versions()
     command = " ".join(sys.argv[1:])
-    lines = ["# Benchmarks", "", f"Command: `python -m benchmarks.perf {command}`",
+    lines = ["# Benchmarks", "", f"Command: `python -m scripts.perf {command}`",
              f"Machine: {env['platform']}, {os.cpu_count()} CPUs, torch {env['packages']['torch']}, "
              f"device {env['device']}, {torch.get_num_threads()} torch thread(s), bf16 autocast.", "", "| comparison | figures | ratio |", "|---|---|---|"]
     for name, figures in results.items():
