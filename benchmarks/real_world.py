@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from unierase.records import QA, Benchmark
 from benchmarks.tofu import refusal_pool
 from unierase.io import DataError, read_jsonl
+from unierase.records import QA, Benchmark
 
 PERSON_ROWS = 20
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from unierase.records import QA, Benchmark
 from unierase.io import DataError, read_jsonl, read_lines
+from unierase.records import QA, Benchmark
 
 SPLIT_SIZES = {"forget01": 40, "forget05": 200, "forget10": 400}
 AUTHOR_ROWS = 20

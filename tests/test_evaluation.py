@@ -13,13 +13,13 @@ from benchmarks.tofu import TofuConfig, load_tofu
 from conftest import CACHE_ROOT, tiny_config
 from unierase.evaluation import metrics as m
 from unierase.evaluation.engine import answer_nll, generate, generate_ids, load_encoder, load_nli
+from benchmarks.utility import load_gsm8k, load_mmlu, load_triviaqa, load_utility, subsample
+from unierase.evaluation.config import eval_config
 from unierase.evaluation.knowledge import (
-    FORGET_TR_FILE, SUMMARY_FILE, aggregate_from_records, eval_config, evaluate_knowledge,
-    read_forget_truth_ratios, read_knowledge_records,
+    FORGET_TR_FILE, SUMMARY_FILE, aggregate_from_records, evaluate_knowledge, read_forget_truth_ratios,
+    read_knowledge_records,
 )
-from unierase.evaluation.utility import (
-    evaluate_utility, load_gsm8k, load_mmlu, load_triviaqa, subsample,
-)
+from unierase.evaluation.utility import evaluate_utility
 from unierase.io import DataError
 from unierase.models import chat_prompt, end_of_turn_ids, load_model, package_dir, turn_end_id
 
@@ -180,9 +180,11 @@ def test_auxiliary_models_load_offline_or_give_a_reason(tmp_path):
 def test_evaluate_utility_end_to_end(tmp_path, varied, data_dir):
     model, tokenizer, model_cfg = varied
     # One item per benchmark: int(f·N) = 1.
-    cfg = eval_config("fast", mmlu_fraction=1e-4, triviaqa_fraction=4e-4, gsm8k_fraction=1e-3,
-                      humaneval_fraction=7e-3, utility_max_new_tokens=4)
-    metrics = evaluate_utility(model, tokenizer, data_dir, cfg, model_cfg, tmp_path, ["I don't know."])
+    cfg = eval_config("fast", **{"utility.mmlu_fraction": 1e-4, "utility.triviaqa_fraction": 4e-4,
+                                 "utility.gsm8k_fraction": 1e-3, "utility.humaneval_fraction": 7e-3,
+                                 "utility.max_new_tokens": 4})
+    items = load_utility(data_dir / "utility", cfg.utility.benchmarks, cfg.utility.fractions(), cfg.seed)
+    metrics = evaluate_utility(model, tokenizer, items, cfg, model_cfg, tmp_path, ["I don't know."])
     for bench in ("mmlu", "triviaqa", "gsm8k", "humaneval"):
         lines = (tmp_path / f"utility.{bench}.jsonl").read_text().splitlines()
         assert len(lines) == 1

@@ -11,9 +11,11 @@ from omegaconf import OmegaConf
 
 from benchmarks.real_world import RealWorldConfig, load_real_world, with_answers
 from benchmarks.tofu import TofuConfig, load_tofu
-from unierase.context import BENCHMARKS, typed
-from unierase.evaluation.knowledge import EvalConfig
-from unierase.finetune import FinetuneConfig, TargetConfig, answer_loss, cached_finetune, finetune
+from benchmarks import BENCHMARKS
+from unierase.config import typed
+from unierase.evaluation.config import EvalConfig
+from unierase.finetune import FinetuneConfig, answer_loss, finetune
+from unierase.target import TargetConfig, cached_finetune
 from unierase.io import DataError, read_jsonl
 from unierase.models import ModelConfig, chat_prompt, encode_qa, package_dir, turn_end_id
 from unierase.objective import ObjectiveConstraint
@@ -41,8 +43,8 @@ def validate_schemas(cfg) -> None:
         typed(node, schema)
 
 
-@pytest.mark.parametrize("group", ["model", "benchmark", "method", "setting", "eval", "logger", "trainer", "experiment",
-                                   "hparams_search"])
+@pytest.mark.parametrize("group", ["model", "benchmark", "method", "setting", "eval", "logger", "trainer", "target",
+                                   "objective_constraint", "experiment", "hparams_search"])
 def test_every_config_group_entry_composes(group, data_dir):
     entries = group_entries(group)
     assert entries, f"config group {group} is empty"
@@ -217,7 +219,7 @@ def test_saved_model_with_new_token_loads_with_plain_transformers(tiny, tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unierase.models import save_model
-    from unierase.token import add_unlearning_tokens
+    from unierase.token.vocabulary import add_unlearning_tokens
 
     model, tokenizer = tiny
     (token_id,) = add_unlearning_tokens(model, tokenizer, 1, init_std=0.02, seed=0)

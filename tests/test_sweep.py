@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from unierase.context import typed
+from unierase.config import typed
 from unierase.io import atomic_dir
 from unierase.objective import ObjectiveConstraint, objective_value
 from unierase.report import main as unierase_table

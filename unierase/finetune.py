@@ -1,13 +1,9 @@
-"""Supervised QA fine-tuning: builds the target model (knows the forget set) and the
-retain-reference model (never saw it), cached by a hash of model + data + recipe."""
+"""Supervised QA fine-tuning with the loss on answer tokens only: what builds the target and
+retain-reference models (unierase/target.py)."""
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -15,10 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from unierase.models import IGNORE_INDEX, ModelConfig, decoder_body, encode_qa
 from unierase.records import QA
-from unierase.io import atomic_dir, atomic_write_json, stable_hash
-from unierase.models import IGNORE_INDEX, ModelConfig, decoder_body, encode_qa, load_model, load_saved, save_model
-from unierase.run_dir import current_rss_gb, peak_rss_gb
 from unierase.training import TrainerConfig, fit, loader, make_trainer
 
 log = logging.getLogger(__name__)
@@ -32,17 +26,6 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     max_length: int = 160
     seed: int = 0
-
-
-@dataclass
-class TargetConfig(FinetuneConfig):
-    """The config's `target` node: the fine-tuning recipe plus which models to build, and where."""
-    build_retain_reference: bool = True
-    build_in_subprocess: bool = True
-    gradient_checkpointing: bool = True  # recompute activations in the backward: the same model, less memory
-
-    def recipe(self) -> FinetuneConfig:
-        return FinetuneConfig(**{name: getattr(self, name) for name in FinetuneConfig.__dataclass_fields__})
 
 
 def answer_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -98,87 +81,3 @@ def finetune(
             model.gradient_checkpointing_disable()  # later training stages choose for themselves
         model.eval()
     return module.losses
-
-
-def finetuned_dir(cache_dir: Path, kind: str, base_id: str, data: list[QA], recipe: FinetuneConfig,
-                  model_cfg: ModelConfig) -> Path:
-    """Where the model fine-tuned from `base_id` on `data` with `recipe` is cached.
-
-    The key covers the base model, every training QA (text, not just ids) and the recipe.
-    """
-    key = stable_hash({"base": base_id, "data": [(q.question, q.training_answer) for q in data],
-                       "recipe": asdict(recipe), "format": [model_cfg.system_prompt, model_cfg.date_string]})
-    return cache_dir / f"{kind}-{key}"
-
-
-def is_built(directory: Path) -> bool:
-    return (directory / "config.json").is_file()
-
-
-def build_finetuned(
-    model: PreTrainedModel, tokenizer: Any, base_id: str, data: list[QA], recipe: FinetuneConfig,
-    model_cfg: ModelConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str,
-    gradient_checkpointing: bool = False,
-) -> None:
-    """Fine-tune `model` in place and save it (with its loss curve) to `directory`, atomically."""
-    log.info("building %s model on %d QA (%s)", kind, len(data), directory)
-    start = time.perf_counter()
-    losses = finetune(model, tokenizer, data, recipe, model_cfg, trainer_cfg, gradient_checkpointing)
-    seconds = time.perf_counter() - start
-    with atomic_dir(directory) as tmp:
-        save_model(model, tokenizer, tmp)
-        atomic_write_json(tmp / "build.json", {
-            "kind": kind, "base": base_id, "n_qa": len(data), "recipe": asdict(recipe),
-            "seconds": seconds, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
-        })
-
-
-def cached_finetune(
-    base: PreTrainedModel, tokenizer: Any, base_id: str, data: list[QA], recipe: FinetuneConfig,
-    model_cfg: ModelConfig, trainer_cfg: TrainerConfig, cache_dir: Path, kind: str,
-    gradient_checkpointing: bool = False,
-) -> tuple[PreTrainedModel, Path]:
-    """Return the fine-tuned model, from `cache_dir/<kind>-<hash>` when it exists.
-
-    `base` is left untouched: training runs on a copy of it.
-    """
-    directory = finetuned_dir(cache_dir, kind, base_id, data, recipe, model_cfg)
-    if is_built(directory):
-        log.info("reusing cached %s model %s", kind, directory)
-        return load_saved(directory, like=base), directory
-    model = type(base)(base.config).to(base.device)
-    model.load_state_dict(base.state_dict())
-    build_finetuned(model, tokenizer, base_id, data, recipe, model_cfg, trainer_cfg, directory, kind,
-                    gradient_checkpointing)
-    return model, directory
-
-
-def _build_from_base(model_cfg: ModelConfig, base_cache: Path, seed: int, base_id: str, data: list[QA],
-                     recipe: FinetuneConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str,
-                     gradient_checkpointing: bool) -> float:
-    """The child process of `build_in_child`: load the base, fine-tune it, save; returns the child's peak RSS."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s", force=True)
-    base, tokenizer = load_model(model_cfg, base_cache, seed=seed)
-    build_finetuned(base, tokenizer, base_id, data, recipe, model_cfg, trainer_cfg, directory, kind,
-                    gradient_checkpointing)
-    return peak_rss_gb()
-
-
-def build_in_child(model_cfg: ModelConfig, base_cache: Path, seed: int, base_id: str, data: list[QA],
-                   recipe: FinetuneConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str,
-                   gradient_checkpointing: bool = False) -> float:
-    """Build a fine-tuned model into `directory` in a fresh (spawned) process.
-
-    The training memory (optimiser state, activations, pages the allocator keeps after freeing them)
-    then goes back to the OS before the caller goes on. Returns the caller's resident memory now plus
-    the child's peak: the caller waits meanwhile, so this bounds what the two held together (from above:
-    shared library pages count twice).
-    """
-    held = current_rss_gb()
-    log.info("building %s in a child process", kind)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        child_peak = pool.submit(_build_from_base, model_cfg, base_cache, seed, base_id, data, recipe,
-                                 trainer_cfg, directory, kind, gradient_checkpointing).result()
-    if not is_built(directory):
-        raise RuntimeError(f"the child process that built {kind} left nothing at {directory}")
-    return held + child_peak

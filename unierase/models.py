@@ -11,16 +11,16 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
-import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from unierase.io import atomic_dir, file_digest
+from unierase.io import atomic_dir, file_digest, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,15 @@ def _tiny_random(cfg: ModelConfig, cache_root: Path, seed: int) -> tuple[PreTrai
     config = LlamaConfig(**params)
     config._attn_implementation = cfg.attn_implementation
     return LlamaForCausalLM(config), tokenizer
+
+
+def base_identity(cfg: ModelConfig, seed: int) -> str:
+    """The identity of the base weights, for cache keys (a tiny random model's weights depend on the seed)."""
+    identity: dict[str, Any] = {k: v for k, v in asdict(cfg).items()
+                                if k in ("name", "source", "path", "package", "gguf_file", "tiny")}
+    if cfg.source == "tiny_random":
+        identity["seed"] = seed
+    return f"{cfg.name}-{stable_hash(identity, 12)}"
 
 
 def load_model(cfg: ModelConfig, cache_root: Path, seed: int = 0) -> tuple[PreTrainedModel, Any]:
@@ -174,10 +183,6 @@ def module_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise ValueError(f"model {type(model).__name__} has no module '{name}'") from err
 
 
-def num_layers(model: PreTrainedModel) -> int:
-    return model.config.num_hidden_layers
-
-
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>")
 
 
@@ -194,17 +199,45 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return sorted({turn_end_id(tokenizer), tokenizer.eos_token_id})
 
 
-def chat_prompt(tokenizer: Any, question: str, cfg: ModelConfig) -> str:
-    """The rendered user turn plus the assistant header: the next token is the answer's first."""
+def _chat_messages(question: str, cfg: ModelConfig, answer: str | None = None) -> list[dict[str, str]]:
+    """The conversation as chat-template messages: optional system prompt, the user turn, the answer."""
     messages = [{"role": "user", "content": question}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
     if cfg.system_prompt is not None:
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return messages
+
+
+def chat_prompt(tokenizer: Any, question: str, cfg: ModelConfig) -> str:
+    """The rendered user turn plus the assistant header: the next token is the answer's first."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, date_string=cfg.date_string
+        _chat_messages(question, cfg), tokenize=False, add_generation_prompt=True, date_string=cfg.date_string
+    )
+
+
+def chat_text(tokenizer: Any, question: str, answer: str, cfg: ModelConfig) -> str:
+    """The full rendered conversation (user = question, assistant = answer), no generation prompt."""
+    return tokenizer.apply_chat_template(
+        _chat_messages(question, cfg, answer), tokenize=False, add_generation_prompt=False,
+        date_string=cfg.date_string,
     )
 
 
 IGNORE_INDEX = -100  # a label that is not scored (prompt, padding): torch's and transformers' convention
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows padded to the longest one: (ids, attention mask). Left padding puts every row's last
+    token in the last column (batched generation); right padding keeps every row's first token in column 0."""
+    width = max(len(row) for row in rows)
+    ids, mask = [], []
+    for row in rows:
+        padding = width - len(row)
+        ids.append([pad_id] * padding + list(row) if left else list(row) + [pad_id] * padding)
+        mask.append([0] * padding + [1] * len(row) if left else [1] * len(row) + [0] * padding)
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 def encode_qa(
@@ -224,14 +257,4 @@ def encode_qa(
         "input_ids": torch.tensor(input_ids + [tokenizer.pad_token_id] * pad),
         "attention_mask": torch.tensor([1] * len(input_ids) + [0] * pad),
         "labels": torch.tensor(labels + [IGNORE_INDEX] * pad),
-    }
-
-
-def describe(model: PreTrainedModel) -> dict[str, Any]:
-    return {
-        "class": type(model).__name__,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(model.dtype),
-        "device": str(model.device),
-        "config": json.loads(model.config.to_json_string()),
     }

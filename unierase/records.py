@@ -1,7 +1,8 @@
-"""The records every benchmark yields, whatever its source."""
+"""The records the benchmarks yield, whatever their source, and what one experiment needs of them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,12 @@ class Benchmark:
     rounds: list[list[QA]] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     generic_questions: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class UtilityItem:
+    """One general-ability item (MMLU, TriviaQA, GSM8K, HumanEval): the user turn and what scoring needs."""
+
+    uid: str
+    message: str
+    gold: dict[str, Any]

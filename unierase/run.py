@@ -8,39 +8,60 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel
 
 from baselines.method import BaselineConfig, FinetuneUnlearner
-from unierase.records import QA, Benchmark
+from benchmarks import load_benchmark
 from benchmarks.real_world import with_answers
-from unierase.context import RunContext, load_benchmark, typed
-from unierase.evaluation.knowledge import EvalConfig, evaluate_knowledge, read_forget_truth_ratios
+from benchmarks.utility import load_utility
+from unierase.config import choose, typed
+from unierase.context import RunContext
+from unierase.evaluation.config import EvalConfig
+from unierase.evaluation.knowledge import evaluate_knowledge, read_forget_truth_ratios
 from unierase.evaluation.utility import evaluate_utility
-from unierase.io import atomic_write_json
+from unierase.io import atomic_write_json, stable_hash
 from unierase.loggers import finish, log_metrics, make_loggers
 from unierase.method import Unlearner
-from unierase.models import ModelConfig
+from unierase.models import ModelConfig, base_identity, load_model
 from unierase.objective import ObjectiveConstraint, objective_value
+from unierase.records import QA, Benchmark
 from unierase.references import regenerate_references
 from unierase.run_dir import peak_rss_gb, write_run_header
 from unierase.settings import SETTINGS, Evaluator, SettingConfig
+from unierase.target import TargetConfig, Targets
 from unierase.training import TrainerConfig
 from unierase.unierase import UniErase, UniEraseConfig
 
 log = logging.getLogger(__name__)
 
 
-def stage_finetune(ctx: RunContext) -> dict:
-    base, tokenizer = ctx.load_base()
-    benchmark = load_benchmark(ctx.cfg.benchmark)
+@dataclass
+class Job:
+    """One `unierase` invocation: the resolved config, the run context and the model builders."""
+
+    cfg: DictConfig
+    ctx: RunContext
+    targets: Targets
+    eval_cfg: EvalConfig
+
+    def load_base(self) -> tuple[PreTrainedModel, Any]:
+        return load_model(self.ctx.model_cfg, self.ctx.cache_dir, seed=self.ctx.seed)
+
+
+def stage_finetune(job: Job) -> dict:
+    base, tokenizer = job.load_base()
+    benchmark = load_benchmark(job.cfg.benchmark)
     start = time.perf_counter()
-    target, target_id = ctx.target(base, tokenizer, benchmark)
-    reference = ctx.retain_reference(base, tokenizer, benchmark)
+    _, target_id = job.targets.target(base, tokenizer, benchmark)
+    reference = job.targets.retain_reference(base, tokenizer, benchmark)
     return {"target": target_id, "retain_reference": reference[1].name if reference else None,
             "seconds": time.perf_counter() - start}
 
@@ -49,97 +70,109 @@ METHODS = {"unierase": (UniEraseConfig, UniErase), "finetune": (BaselineConfig, 
 
 
 def build_method(node: DictConfig) -> Unlearner:
-    if node.get("kind") not in METHODS:
-        raise ValueError(f"method '{node.get('name')}' has unknown kind '{node.get('kind')}' ({' | '.join(METHODS)})")
-    schema, method = METHODS[node.kind]
+    schema, method = choose(METHODS, node.get("kind"), f"kind of method '{node.get('name')}'")
     return method(typed(node, schema))
 
 
-def make_evaluator(ctx: RunContext, benchmark: Benchmark, retain_reference_tr: list[float] | None) -> Evaluator:
-    eval_cfg = typed(ctx.cfg.eval, EvalConfig)
+def make_evaluator(job: Job, benchmark: Benchmark, retain_reference_tr: list[float] | None) -> Evaluator:
+    eval_cfg = job.eval_cfg
+    # Every utility file is read and checked before the first (slow) step of the run.
+    utility_items = (load_utility(Path(job.cfg.paths.data_dir) / "utility", eval_cfg.utility.benchmarks,
+                                  eval_cfg.utility.fractions(), eval_cfg.seed)
+                     if "ut" in eval_cfg.families else {})
 
     def evaluate(model, tokenizer, forget_splits: dict[str, list[QA]], out_dir: Path) -> dict:
         start = time.perf_counter()
-        metrics = evaluate_knowledge(model, tokenizer, benchmark, eval_cfg, ctx.model_cfg, out_dir,
+        metrics = evaluate_knowledge(model, tokenizer, benchmark, eval_cfg, job.ctx.model_cfg, out_dir,
                                      retain_reference_tr, forget_splits)
-        if "ut" in eval_cfg.families:
-            metrics |= evaluate_utility(model, tokenizer, Path(ctx.cfg.paths.data_dir), eval_cfg, ctx.model_cfg,
-                                        out_dir, benchmark.refusals)
+        if utility_items:
+            metrics |= evaluate_utility(model, tokenizer, utility_items, eval_cfg, job.ctx.model_cfg, out_dir,
+                                        benchmark.refusals)
         return metrics | {"time.eval_s": time.perf_counter() - start}
 
     return evaluate
 
 
-def retain_reference_truth_ratios(ctx: RunContext, base, tokenizer, benchmark: Benchmark) -> list[float] | None:
+def retain_reference_truth_ratios(job: Job, base, tokenizer, benchmark: Benchmark) -> list[float] | None:
     """Per-example forget truth ratios of the retain-reference model (for ou.forget_quality), cached."""
-    built = ctx.retain_reference(base, tokenizer, benchmark)
+    built = job.targets.retain_reference(base, tokenizer, benchmark)
     if built is None:
         return None
     reference, path = built
-    eval_cfg = typed(ctx.cfg.eval, EvalConfig)
-    eval_cfg.families, eval_cfg.generation = ["ou"], False  # truth ratios need no generation
-    out_dir = path / "forget_truth_ratios" / ctx.cfg.benchmark.split
+    eval_cfg = replace(job.eval_cfg, families=["ou"], generation=False)  # truth ratios need no generation
+    out_dir = path / "forget_truth_ratios" / job.cfg.benchmark.split
     if not (out_dir / "knowledge.forget_truth_ratios.json").is_file():
-        evaluate_knowledge(reference, tokenizer, benchmark, eval_cfg, ctx.model_cfg, out_dir)
+        evaluate_knowledge(reference, tokenizer, benchmark, eval_cfg, job.ctx.model_cfg, out_dir)
     return read_forget_truth_ratios(out_dir)
 
 
-def model_references(ctx: RunContext, target, tokenizer, benchmark: Benchmark) -> Benchmark:
+def model_references(job: Job, target, tokenizer, benchmark: Benchmark) -> Benchmark:
     """With `benchmark.regenerate_answers` (real-world), score against the target's own answers."""
-    if not ctx.cfg.benchmark.get("regenerate_answers", False):
+    if not job.cfg.benchmark.get("regenerate_answers", False):
         return benchmark
-    answers = regenerate_references(target, tokenizer, benchmark, ctx.model_id, ctx.model_cfg,
-                                    ctx.cfg.benchmark.answer_max_new_tokens, ctx.cache_dir, ctx.run_dir)
+    answers = regenerate_references(target, tokenizer, benchmark, job.ctx.model_id, job.ctx.model_cfg,
+                                    job.cfg.benchmark.answer_max_new_tokens, job.ctx.cache_dir, job.ctx.run_dir)
     return with_answers(benchmark, answers)
 
 
-def stage_unlearn(ctx: RunContext) -> dict:
-    benchmark = load_benchmark(ctx.cfg.benchmark)
-    ctx.build_in_children(benchmark, with_reference="ou" in ctx.cfg.eval.families)
-    base, tokenizer = ctx.load_base()
-    target, ctx.model_id = ctx.target(base, tokenizer, benchmark)
-    benchmark = model_references(ctx, target, tokenizer, benchmark)
-    retain_tr = retain_reference_truth_ratios(ctx, base, tokenizer, benchmark) if "ou" in ctx.cfg.eval.families else None
-    setting = typed(ctx.cfg.setting, SettingConfig)
-    if setting.name not in SETTINGS:
-        raise ValueError(f"unknown setting '{setting.name}' ({' | '.join(SETTINGS)})")
-    method = build_method(ctx.cfg.method)
-    evaluate = make_evaluator(ctx, benchmark, retain_tr)
-    metrics = SETTINGS[setting.name](method, target, tokenizer, benchmark, ctx, evaluate, setting)
-    log_metrics(ctx.loggers, metrics)
+def stage_unlearn(job: Job) -> dict:
+    benchmark = load_benchmark(job.cfg.benchmark)
+    setting = typed(job.cfg.setting, SettingConfig)
+    run_setting = choose(SETTINGS, setting.name, "setting")
+    method = build_method(job.cfg.method)
+    with_reference = "ou" in job.eval_cfg.families
+    job.targets.build_missing_in_children(benchmark, with_reference)
+    base, tokenizer = job.load_base()
+    target, job.ctx.model_id = job.targets.target(base, tokenizer, benchmark)
+    benchmark = model_references(job, target, tokenizer, benchmark)
+    retain_tr = retain_reference_truth_ratios(job, base, tokenizer, benchmark) if with_reference else None
+    evaluate = make_evaluator(job, benchmark, retain_tr)
+    metrics = run_setting(method, target, tokenizer, benchmark, job.ctx, evaluate, setting)
+    log_metrics(job.ctx.loggers, metrics)
     return metrics
 
 
-def stage_eval(ctx: RunContext) -> dict:
-    if not ctx.model_cfg.path:
+def stage_eval(job: Job) -> dict:
+    if not job.ctx.model_cfg.path:
         raise ValueError("stage=eval needs model.path=<a saved model directory or hub id>")
-    base, tokenizer = ctx.load_base()
-    benchmark = load_benchmark(ctx.cfg.benchmark)
-    evaluate = make_evaluator(ctx, benchmark, None)
-    metrics = evaluate(base, tokenizer, {"forget": benchmark.forget}, ctx.run_dir / "eval")
-    log_metrics(ctx.loggers, metrics)
+    base, tokenizer = job.load_base()
+    benchmark = load_benchmark(job.cfg.benchmark)
+    evaluate = make_evaluator(job, benchmark, None)
+    metrics = evaluate(base, tokenizer, {"forget": benchmark.forget}, job.ctx.run_dir / "eval")
+    log_metrics(job.ctx.loggers, metrics)
     return metrics
 
 
 STAGES = {"finetune": stage_finetune, "unlearn": stage_unlearn, "eval": stage_eval}
+# Config nodes that never change a result: where files go, how progress is logged, how training is spread.
+NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags")
+
+
+def config_key(cfg: DictConfig) -> str:
+    """Hash of the config minus what does not change results (resumable settings key their state by it)."""
+    relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in NOT_RESULT_KEYS}
+    relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k != "fail_after_round"}
+    return stable_hash(relevant)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    if cfg.stage not in STAGES:
-        raise ValueError(f"unknown stage '{cfg.stage}' ({' | '.join(STAGES)})")
+    stage = choose(STAGES, cfg.stage, "stage")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     write_run_header(run_dir, cfg)
-    ctx = RunContext(
-        cfg=cfg, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir),
-        model_cfg=typed(cfg.model, ModelConfig), trainer_cfg=typed(cfg.trainer, TrainerConfig),
-        loggers=make_loggers(cfg, run_dir),
-    )
+    model_cfg = typed(cfg.model, ModelConfig)
+    trainer_cfg = typed(cfg.trainer, TrainerConfig)
+    ctx = RunContext(run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), model_cfg=model_cfg,
+                     trainer_cfg=trainer_cfg, seed=int(cfg.seed), config_key=config_key(cfg),
+                     loggers=make_loggers(cfg, run_dir))
+    targets = Targets(typed(cfg.target, TargetConfig), model_cfg, trainer_cfg, ctx.cache_dir,
+                      base_identity(model_cfg, ctx.seed), ctx.seed)
+    job = Job(cfg, ctx, targets, typed(cfg.eval, EvalConfig))
     start = time.perf_counter()
-    result = STAGES[cfg.stage](ctx)
+    result = stage(job)
     # The job's peak: this process's, or this process and a child building a model together.
     result |= {"time.total_s": time.perf_counter() - start,
-               "memory.peak_rss_gb": max(peak_rss_gb(), ctx.build_peak_rss_gb),
-               "memory.build_peak_rss_gb": ctx.build_peak_rss_gb}
+               "memory.peak_rss_gb": max(peak_rss_gb(), targets.build_peak_rss_gb),
+               "memory.build_peak_rss_gb": targets.build_peak_rss_gb}
     atomic_write_json(run_dir / "metrics.json", result)
     finish(ctx.loggers, result, run_dir)
     return result

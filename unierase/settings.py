@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from transformers import PreTrainedModel
 
-from unierase.records import QA, Benchmark
 from unierase.context import RunContext
-from unierase.io import atomic_dir, atomic_write_json, stable_hash
+from unierase.io import atomic_dir, atomic_write_json
 from unierase.loggers import log_metrics
 from unierase.method import Unlearner
 from unierase.models import copy_model, save_model
+from unierase.records import QA, Benchmark
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +52,7 @@ def run_batch(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchma
 
 def _state_dir(ctx: RunContext) -> Path:
     """Keyed by what determines the results (not the timestamped run directory), so a rerun finds it."""
-    relevant = {k: v for k, v in OmegaConf.to_container(ctx.cfg, resolve=False).items()
-                if k not in ("hydra", "paths", "logger", "trainer", "tags")}
-    relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k != "fail_after_round"}
-    return ctx.cache_dir / "sequential" / stable_hash(relevant)
+    return ctx.cache_dir / "sequential" / ctx.config_key
 
 
 def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchmark: Benchmark,

