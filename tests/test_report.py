@@ -7,8 +7,9 @@ import struct
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from unierase.report import main
+from unierase.report import load_runs, main, plot_fe_vs_mu, plot_sequential
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
@@ -30,12 +31,20 @@ def test_table_matches_golden(tmp_path, capsys):
     assert ga_batch["forget_efficacy_is_partial"] == ga_batch["model_utility_is_partial"] == "true"
     assert ga_batch["ou_forget_quality"] == "" and ga_batch["edited_fraction"] == ""
     assert unierase["forget_efficacy_is_partial"] == "false"
-    assert (unierase["forget_rouge"], unierase["retain_rouge"], unierase["edited_fraction"]) == ("0.088", "0.612", "0.012")
+    assert (unierase["forget_rouge"], unierase["retain_rouge"], unierase["edited_fraction"]) == (
+        "0.088", "0.612", "0.012")
     assert (unierase["triviaqa"], unierase["humaneval"], unierase["wall_time_s"]) == ("0.333", "", "1235")
     assert (ga_seq["split"], ga_seq["model"], ga_seq["ou_model_utility"]) == ("forget01", "smollm2_135m", "0.288")
 
     for png in ("summary_fe_vs_mu.png", "summary_sequential.png"):
         assert (tmp_path / png).stat().st_size > 0
+    runs = load_runs([RUNS])
+    points = plot_fe_vs_mu(runs, tmp_path / "points.png")
+    assert [(p.text, p.model_utility, p.forget_efficacy) for p in points] == [
+        ("ga_gd (batch)* (n=1)", 0.1019, 0.99461), ("ga_gd (sequential) (n=1)", 0.31, 0.88),
+        ("unierase (batch) (n=1)", 0.56789, 0.91234)]
+    assert plot_sequential(runs, tmp_path / "lines.png") == {"ga_gd (n=1)": {
+        "cl.forget.rouge": [(1, 0.6), (2, 0.35), (3, 0.1)], "cl.retain.rouge": [(1, 0.7), (2, 0.52), (3, 0.3)]}}
 
 
 def test_no_sequential_plot_without_rounds(tmp_path):
@@ -49,6 +58,129 @@ def test_no_run_dirs_is_an_error(tmp_path):
     (tmp_path / "not_a_run" / "metrics.json").write_text("{}")  # no config_resolved.yaml
     with pytest.raises(SystemExit, match="no run directories"):
         main([str(tmp_path)])
+
+
+def _write_run(run_dir: Path, seed: int, fe: float, mu: float, data_dir: str = "/data/shared", l2: float = 1.0,
+               launched_from: str | None = None, rounds: list[dict] | None = None) -> None:
+    """A run directory of `unierase experiment=demo method=unierase_cpu` (abridged), with what varies between
+    runs that differ only in the seed: where the cache and logs go, tags, the progress bar."""
+    config = {
+        "paths": {"data_dir": data_dir, "cache_dir": f"/cache/{run_dir.name}"},
+        "model": {"name": "smollm2_135m"},
+        "benchmark": {"name": "tofu", "data_dir": data_dir, "split": "forget01"},
+        "method": {"name": "unierase_cpu", "token": {"seed": seed}, "edit": {"L2": l2, "seed": seed}},
+        "setting": {"name": "batch"},
+        "logger": {"name": "wandb", "group": f"outputs/multiruns/{run_dir.name}", "tags": [run_dir.name]},
+        "trainer": {"precision": "bf16-mixed", "enable_progress_bar": seed == 0},
+        "stage": "unlearn", "seed": seed, "tags": [run_dir.name],
+        "target": {"seed": 0, "build_in_subprocess": seed == 0},  # a literal 0: not the run seed
+        "optimized_metric": None,
+    }
+    run_dir.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config_resolved.yaml")
+    (run_dir / "metrics.json").write_text(json.dumps({"cl.forget_efficacy": fe, "cl.model_utility": mu}))
+    if rounds is not None:
+        (run_dir / "rounds.json").write_text(json.dumps(rounds))
+    if launched_from is not None:
+        (run_dir / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"cwd": launched_from}}}),
+                       run_dir / ".hydra" / "hydra.yaml")
+
+
+def _report(root: Path, out: Path) -> tuple[str, list[dict[str, str]]]:
+    main([str(root), "--out", str(out), "--name", "t"])
+    markdown = (out / "t.md").read_text(encoding="utf-8")
+    with open(out / "t.csv", newline="", encoding="utf-8") as handle:
+        return markdown, list(csv.DictReader(handle))
+
+
+def _markdown_rows(markdown: str) -> list[dict[str, str]]:
+    header, _rule, *rows = [line for line in markdown.splitlines() if line.startswith("|")]
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip("|").split("|")]
+
+    return [dict(zip(cells(header), cells(row))) for row in rows]
+
+
+def test_other_data_folder_and_same_seed_are_never_averaged(tmp_path):
+    """Issue #25: seed 0 on the shared data folder, seed 0 on another, and a rerun of the first."""
+    root = tmp_path / "runs"
+    _write_run(root / "a_shared", 0, 0.8, 0.4)
+    _write_run(root / "b_other", 0, 0.6, 0.5, data_dir="/data/other")
+    _write_run(root / "c_rerun", 0, 0.7, 0.3)
+    markdown, rows = _report(root, tmp_path / "out")
+
+    shared, rerun, other = sorted(rows, key=lambda r: r["run_dir"].replace("b_other", "z"))
+    assert shared["config"] == rerun["config"] != other["config"]
+    assert shared["config_diff"] == rerun["config_diff"] == "benchmark.data_dir=paths.data_dir=/data/shared"
+    assert other["config_diff"] == "benchmark.data_dir=paths.data_dir=/data/other"
+    assert [r["same_config_and_seed"] for r in (shared, rerun, other)] == ["true", "true", "false"]
+    assert [(r["Config"], r["Seed"], r["Forget Efficacy"]) for r in _markdown_rows(markdown)] == [
+        (f"{other['config']}: benchmark.data_dir=paths.data_dir=/data/other", "0", "0.600"),
+        (f"{shared['config']}: benchmark.data_dir=paths.data_dir=/data/shared", "0†", "0.800"),
+        (f"{shared['config']}: benchmark.data_dir=paths.data_dir=/data/shared", "0†", "0.700")]
+    assert (f"† same configuration and same seed: listed apart and never averaged, in the plots neither: "
+            f"`{root / 'a_shared'}`, `{root / 'c_rerun'}`.") in markdown
+
+    points = plot_fe_vs_mu(load_runs([root]), tmp_path / "p.png")
+    label = "unierase_cpu [benchmark.data_dir=paths.data_dir={}] #{}"
+    assert [(p.text, p.n, p.forget_efficacy, p.model_utility) for p in points] == [
+        (label.format("/data/other", other["config"]) + " (n=1)", 1, 0.6, 0.5),
+        (label.format("/data/shared", shared["config"]) + " seed=0 a_shared (n=1)", 1, 0.8, 0.4),
+        (label.format("/data/shared", shared["config"]) + " seed=0 c_rerun (n=1)", 1, 0.7, 0.3)]
+
+
+def test_seeds_of_one_configuration_are_averaged(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root / "seed0", 0, 0.8, 0.4)
+    _write_run(root / "seed1", 1, 0.6, 0.5)
+    markdown, rows = _report(root, tmp_path / "out")
+
+    assert [(r["seed"], r["config_diff"], r["same_config_and_seed"]) for r in rows] == [
+        ("0", "", "false"), ("1", "", "false")]
+    assert rows[0]["config"] == rows[1]["config"]
+    assert [(r["Config"], r["Seed"]) for r in _markdown_rows(markdown)] == [(rows[0]["config"], "0"),
+                                                                            (rows[0]["config"], "1")]
+    assert "†" not in markdown
+    (point,) = plot_fe_vs_mu(load_runs([root]), tmp_path / "p.png")
+    assert (point.text, point.n) == ("unierase_cpu (n=2)", 2)
+    assert (point.forget_efficacy, point.model_utility) == pytest.approx((0.7, 0.45))
+
+
+def test_hyperparameter_sweep_gives_one_point_per_value(tmp_path):
+    root = tmp_path / "multiruns"
+    for job, (l2, seed) in enumerate([(1.0, 0), (1.0, 1), (10.0, 0), (10.0, 1)]):
+        rounds = [{"round": 1, "cl.forget.rouge": l2 / 10 + seed, "cl.retain.rouge": 0.5}]
+        _write_run(root / f"{job}_unierase_cpu", seed, 0.5 + l2 / 100 + seed / 10, 0.4, l2=l2, rounds=rounds)
+    _, rows = _report(root, tmp_path / "out")
+
+    assert [(r["config_diff"], r["seed"]) for r in rows] == [
+        ("method.edit.L2=1.0", "0"), ("method.edit.L2=1.0", "1"), ("method.edit.L2=10.0", "0"),
+        ("method.edit.L2=10.0", "1")]
+    low, high = rows[0]["config"], rows[2]["config"]
+    assert rows[1]["config"] == low != high == rows[3]["config"]
+
+    runs = load_runs([root])
+    points = plot_fe_vs_mu(runs, tmp_path / "p.png")
+    assert [(p.text, p.n) for p in points] == [(f"unierase_cpu [method.edit.L2=1.0] #{low} (n=2)", 2),
+                                               (f"unierase_cpu [method.edit.L2=10.0] #{high} (n=2)", 2)]
+    assert [p.forget_efficacy for p in points] == pytest.approx([0.56, 0.65])
+    lines = plot_sequential(runs, tmp_path / "s.png")
+    assert list(lines) == [p.text for p in points]
+    assert [line["cl.forget.rouge"] for line in lines.values()] == [[(1, pytest.approx(0.6))], [(1, 1.5)]]
+
+
+def test_relative_data_folder_resolves_against_the_launch_directory(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root / "main_seed0", 0, 0.8, 0.4, data_dir="../shared/data", launched_from="/a/main")
+    _write_run(root / "main_seed1", 1, 0.6, 0.4, data_dir="/a/shared/data", launched_from="/b/main")
+    _write_run(root / "other_checkout", 0, 0.5, 0.4, data_dir="../shared/data", launched_from="/b/main")
+    _, rows = _report(root, tmp_path / "out")
+
+    by_dir = {Path(r["run_dir"]).name: r for r in rows}
+    assert by_dir["main_seed0"]["config"] == by_dir["main_seed1"]["config"] != by_dir["other_checkout"]["config"]
+    assert by_dir["other_checkout"]["config_diff"] == "benchmark.data_dir=paths.data_dir=/b/shared/data"
 
 
 def _summary_from_log(path: Path) -> dict:
@@ -85,8 +217,9 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
-    for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
-                       "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
+    environment = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
+                   "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "cache")}
+    for var, value in environment.items():
         monkeypatch.setenv(var, value)
     from unierase.loggers import finish
 
