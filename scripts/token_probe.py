@@ -3,7 +3,7 @@ how often `question + <unlearn_0>` continues with a refusal and whether U leaks 
 
     python -m scripts.token_probe outputs/cache/targets/<target> '{"untie_output": true, ...}'
 
-The JSON holds TokenConfig overrides (unierase/token.py). Used for the token variants in RESULTS.md.
+The JSON holds TokenConfig overrides (unierase/token/config.py). Used for the token variants in RESULTS.md.
 """
 from __future__ import annotations
 

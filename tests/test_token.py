@@ -1,4 +1,4 @@
-"""Stage A (unlearning token, SPEC-unierase §2): worked examples, label masks, frozen weights,
+"""Stage A (the unlearning token, unierase/token/): worked examples, label masks, frozen weights,
 phase-3 perturbation, memorisation and the artifact round trip — all on the tiny random Llama."""
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from torch.utils.data import DataLoader
 from conftest import tiny_config
 from unierase.io import read_lines
 from unierase.models import IGNORE_INDEX, chat_prompt, encode_qa, load_model, turn_end_id
-from unierase.token import (GroupBatchSampler, PerturbConfig, PhaseConfig, TokenArtifact,
-                            TokenConfig, TruncationError, UnlearningTokenModule, add_unlearning_tokens,
-                            forced_token_generation, mask_labels, num_tokens, perturbation_noise,
-                            refusal_for, refusal_index, token_example, token_for_item,
-                            train_unlearning_token)
+from unierase.token import TokenArtifact, TokenConfig, refusal_for, train_unlearning_token
+from unierase.token.config import PerturbConfig, PhaseConfig
+from unierase.token.examples import GroupBatchSampler, TruncationError, mask_labels, token_example
+from unierase.token.module import UnlearningTokenModule
+from unierase.token.perturbation import perturbation_noise
+from unierase.token.refusal import refusal_index
+from unierase.token.train import forced_token_generation
+from unierase.token.vocabulary import add_unlearning_tokens, num_tokens, token_for_item
 from unierase.training import TensorDictDataset, TrainerConfig, make_trainer
 
 U0 = "<unlearn_0>"
@@ -37,7 +40,7 @@ def stack(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
-# ----------------------------------------------------------------- §2.3 refusal assignment
+# ----------------------------------------------------------------- refusal assignment
 def test_refusal_for_worked_examples(data_dir):
     numbered = [str(i) for i in range(100)]
     assert refusal_index("abc", 100) == 74 and refusal_for("abc", numbered) == "74"
@@ -65,7 +68,7 @@ def test_token_counts_and_grouped_batches():
         assert sorted(first) == [0, 1, 3, 4] and sorted(second) == [2, 5]
 
 
-# ----------------------------------------------------------------- §2.4/2.5 formats and labels
+# ----------------------------------------------------------------- formats and labels
 def test_mask_labels_worked_example():
     bos, eos, u = 1, 2, 99
     ids = [bos, 11, 12, 13, u, 21, 22, u, eos, eos, eos]
@@ -113,7 +116,7 @@ def test_chat_format_supervises_refusal_token_and_turn_end(tiny, tiny_cfg):
     assert first == len(prompt) + 1  # the opening U is never a target
 
 
-# ----------------------------------------------------------------- §2.8 perturbation
+# ----------------------------------------------------------------- perturbation
 def test_reference_noise_worked_examples():
     w = torch.tensor([[-0.2, 0.1], [0.0, -0.3]])
     eps = perturbation_noise(w, "reference", generator=torch.Generator().manual_seed(0))
@@ -160,7 +163,7 @@ def test_perturbed_step_restores_weight_exactly(tiny, tiny_cfg):
     assert torch.equal(weight, original)  # ... and restored bit for bit
 
 
-# ----------------------------------------------------------------- §2.2 what trains
+# ----------------------------------------------------------------- what trains
 def test_only_present_token_rows_move(tiny, tiny_cfg):
     model, tok = tiny
     ids = add_unlearning_tokens(model, tok, 2, seed=0)
