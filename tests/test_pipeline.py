@@ -5,10 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from unierase.models import load_saved
 from unierase.run import CONFIG_DIR, run
 
 from conftest import CACHE_ROOT
@@ -72,10 +74,16 @@ def test_unierase_batch_edits_and_reuses_caches(tmp_path, data_dir):
     cache = isolated_cache(tmp_path)
     first, run_dir = run_job(tmp_path, TINY_UNIERASE, cache, "first")
     assert first["unierase.token_cached"] == 0.0 and first["unierase.statistics_cached"] == 0.0
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    model = load_saved(run_dir / "model")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
     layer_share = 2 * model.model.layers[1].mlp.down_proj.weight.numel() / sum(p.numel() for p in model.parameters())
     assert first["unierase.edited_fraction"] == pytest.approx(layer_share)
+    # The fraction counts what the edit may change: check it changed exactly that. Against the target,
+    # Stage A adds only embedding rows (past the target's vocabulary); Stage B only edits down_proj 1, 2.
+    (target_dir,) = (cache / "targets").glob("target-*")
+    target = dict(load_saved(target_dir).named_parameters())
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p[: len(target[name])], target[name])}
+    assert changed == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in (1, 2)}
     assert "<unlearn_0>" in tokenizer.get_vocab()
     second, _ = run_job(tmp_path, TINY_UNIERASE, cache, "second")
     assert second["unierase.token_cached"] == 1.0 and second["unierase.statistics_cached"] == 1.0

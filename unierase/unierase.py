@@ -17,8 +17,8 @@ from transformers import PreTrainedModel
 
 from unierase.records import QA, Benchmark
 from unierase.context import RunContext
-from unierase.edit.alphaedit import EditConfig, EditRequest, EditState, apply_edits, edited_fraction
-from unierase.edit.statistics import nullspace_projectors, second_moments
+from unierase.edit import (EditConfig, EditRequest, EditState, apply_edits, edited_fraction, nullspace_projectors,
+                           second_moments)
 from unierase.method import Unlearner
 from unierase.evaluation.engine import generate_ids
 from unierase.models import ModelConfig, autocast_dtype, chat_prompt
@@ -89,7 +89,7 @@ class UniErase(Unlearner):
         template = edit.module_template or ctx.model_cfg.down_proj_template
         # The corpus never contains the new token, so statistics of the token model equal the target's.
         moments = second_moments(
-            model, tokenizer, edit.layers, Path(ctx.cfg.paths.data_dir) / edit.mom2_corpus, edit.mom2_n_samples,
+            model, tokenizer, edit.layers, Path(edit.mom2_corpus), edit.mom2_n_samples,
             edit.mom2_chunk_tokens, edit.mom2_batch_size, ctx.cache_dir / "statistics", ctx.model_id,
             template, autocast_dtype(ctx.model_cfg) if model.device.type == "cpu" else None,
         )

@@ -1,0 +1,75 @@
+"""The edit's settings (EditConfig) and one thing to edit (EditRequest)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EditConfig:
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    module_template: str | None = None  # None: the model config's down_proj_template
+    key_position: str = "subject_last"  # subject_last | last
+    # The reference drivers use 10 steps, EasyEdit's yaml 25; early stopping makes extra steps free
+    # once converged, and small models need them.
+    v_steps: int = 25
+    v_lr: float = 0.1
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    nullspace_threshold: float = 2e-2
+    nullspace_mode: str = "absolute"  # absolute | relative (threshold * largest eigenvalue)
+    L2: float = 10.0
+    batch_size: int = 1
+    context_templates: list[str] | None = None  # T_1..T_n, each containing "{}"; None: generate
+    context_layout: str = "in_user_turn"  # in_user_turn | reference
+    # The corpus folder itself; conf/method/unierase.yaml sets ${paths.data_dir}/corpus. The statistics
+    # cache key hashes the files' names and contents, never this path.
+    mom2_corpus: str = "corpus"
+    mom2_n_samples: int | None = None  # None: every chunk
+    mom2_chunk_tokens: int = 1024
+    mom2_batch_size: int = 4
+    # none | retain_keys: the keys of retain questions | token_keys: the keys at the unlearning token and
+    # its refusal in Stage A's own training texts, so the edit does not undo the token's "U -> refusal"
+    # behaviour (docs/algorithm.md, "Departures from the paper").
+    protect: str = "none"
+    protect_weight: float = 1.0
+    forward_batch_size: int = 16  # sequences per forward pass when measuring keys
+    value_autocast: str | None = None  # e.g. "bfloat16": z* optimisation forwards under autocast (CPU speed)
+    # token: z* is supervised on the target token alone, as in the paper. token_continuation: also on the
+    # request's continuation (the refusal and the closing token), ROME-style multi-token targets
+    # (docs/algorithm.md, "Departures from the paper").
+    value_target: str = "token"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.layers = sorted({int(layer) for layer in self.layers})
+        if self.context_templates is not None:
+            self.context_templates = list(self.context_templates)
+        choices = {"key_position": ("subject_last", "last"), "context_layout": ("in_user_turn", "reference"),
+                   "nullspace_mode": ("absolute", "relative"), "protect": ("none", "retain_keys", "token_keys"),
+                   "value_target": ("token", "token_continuation")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"edit.{name} must be one of {allowed}, got '{getattr(self, name)}'")
+        if not self.layers or self.batch_size < 1 or self.v_steps < 1:
+            raise ValueError("edit.layers must be non-empty, edit.batch_size and edit.v_steps >= 1")
+        for template in self.context_templates or []:
+            if template.count("{}") != 1:
+                raise ValueError(f"context template {template!r} must contain '{{}}' exactly once")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One question whose first answer token should become `target_id` (the unlearning token)."""
+    question: str
+    subject: str | None
+    target_id: int
+    uid: str
+    continuation: tuple[int, ...] = ()  # tokens after the target, supervised under value_target=token_continuation
+
+    def target_sequence(self, cfg: EditConfig) -> list[int]:
+        """The tokens z* is optimised to produce: the target, then under token_continuation its continuation."""
+        if cfg.value_target == "token_continuation":
+            return [self.target_id, *self.continuation]
+        return [self.target_id]
