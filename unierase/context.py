@@ -17,7 +17,7 @@ class RunContext:
     model_cfg: ModelConfig
     trainer_cfg: TrainerConfig
     seed: int
-    # Hash of the resolved config minus what does not change results: a resumable setting keys its state by it.
-    config_key: str
+    # Hash of what determines the results (config, data, code version): a resumable setting keys its state by it.
+    results_key: str
     loggers: list[Logger] = field(default_factory=list)
     model_id: str = ""  # identity of the model being unlearned (the target), for cache keys

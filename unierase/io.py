@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +35,8 @@ def file_digest(path: Path) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -52,15 +55,50 @@ def atomic_write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
+TEMP_TAG = ".tmp-"
+
+
+def _temp_prefix(target: Path) -> str:
+    """Hidden sibling names that say who writes them (host, pid), so a later run can tell a dead writer's."""
+    return f".{target.name}{TEMP_TAG}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _writer_is_dead(name: str, target: Path) -> bool:
+    host_pid = name[len(f".{target.name}{TEMP_TAG}"):].rsplit("-", 2)
+    if len(host_pid) != 3 or host_pid[0] != socket.gethostname() or not host_pid[1].isdigit():
+        return False  # another machine's writer (a shared filesystem) or not ours: leave it
+    try:
+        os.kill(int(host_pid[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove hidden temporaries of `target` left by writers on this machine that were killed."""
+    if not target.parent.is_dir():
+        return
+    for path in target.parent.glob(f".{glob.escape(target.name)}{TEMP_TAG}*"):
+        if _writer_is_dead(path.name, target):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; it becomes `target` only if the block succeeds.
 
     Safe with concurrent writers of one target (parallel sweep jobs building the same cached model):
-    each replaces the previous version whole, so `target` is always one complete version.
+    each replaces the previous version whole, so `target` is always one complete version. Temporaries
+    of killed writers are removed on the next write of the same target.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target)))
     try:
         yield tmp
         for _ in range(100):
@@ -71,7 +109,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
             # Move the previous version aside (a rename onto an empty directory), then retry.
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temp_prefix(target) + "old-"))
             try:
                 os.replace(target, old)
             except FileNotFoundError:

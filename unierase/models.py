@@ -127,13 +127,15 @@ def load_model(cfg: ModelConfig, cache_root: Path, seed: int = 0) -> tuple[PreTr
 
 
 def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> None:
-    """Save as a plain HF directory (safetensors) that `AutoModelForCausalLM` loads as is."""
+    """Save as a plain HF directory (safetensors) that `AutoModelForCausalLM` loads as is, atomically:
+    `directory` holds weights and tokenizer together or not at all."""
     # A GGUF-loaded model is already dequantised in memory; drop the quantizer so it saves as plain weights.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    with atomic_dir(Path(directory)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def load_saved(directory: Path, like: PreTrainedModel | None = None) -> PreTrainedModel:

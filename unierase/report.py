@@ -49,7 +49,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "optimized_metric", "objective_constraint", "target.build_in_subprocess", "target.gradient_checkpointing",
 )
 # Folders whose relative paths resolve against the directory `unierase` was started from.
-DATA_DIR_KEYS: tuple[str, ...] = ("paths.data_dir", "benchmark.data_dir")
+DATA_DIR_KEYS: tuple[str, ...] = ("paths.data_dir", "benchmark.data_dir", "method.edit.mom2_corpus")
 UNSET = "(unset)"  # a setting one configuration has and another lacks
 DIFFERS_SHOWN = 3  # settings named in a label; the CSV's config_diff has them all
 

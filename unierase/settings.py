@@ -45,14 +45,16 @@ def run_batch(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchma
     model = method.unlearn(model, tokenizer, benchmark.forget, benchmark, ctx)
     seconds = time.perf_counter() - start
     metrics = {"time.unlearn_s": seconds, **method.metrics(model)}
-    metrics.update(evaluate(model, tokenizer, {"forget": benchmark.forget}, ctx.run_dir / "eval"))
+    # Saved before evaluation, so a failing evaluation never loses it (`stage=eval` on it finishes the job).
     save_model(model, tokenizer, ctx.run_dir / "model")
+    metrics.update(evaluate(model, tokenizer, {"forget": benchmark.forget}, ctx.run_dir / "eval"))
     return metrics
 
 
 def _state_dir(ctx: RunContext) -> Path:
-    """Keyed by what determines the results (not the timestamped run directory), so a rerun finds it."""
-    return ctx.cache_dir / "sequential" / ctx.config_key
+    """Keyed by what determines the results (config, data, code version; not the timestamped run
+    directory), so a rerun of the same job finds it and any other job does not."""
+    return ctx.cache_dir / "sequential" / ctx.results_key
 
 
 def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchmark: Benchmark,
