@@ -8,19 +8,16 @@ Per-row functions return one value; aggregates take the per-row values.
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
 import string
-import subprocess
-import sys
-import tempfile
 from collections import Counter
 from typing import Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer
 from scipy import stats
+
+from unierase.evaluation import sandbox
 
 # The scorer holds no per-call state, so one instance serves every call.
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -307,42 +304,14 @@ def humaneval_extract(response: str) -> str | None:
 
 
 def humaneval_passes(code: str, test: str, entry_point: str, timeout_s: float = 3.0) -> bool:
-    """Run code + test + check(entry_point) in a separate Python process in a fresh temp dir.
+    """Run code + test + check(entry_point) in the sandbox of `unierase.evaluation.sandbox`.
 
-    Passes iff the process exits 0 within `timeout_s`. The child gets its own session so
-    that a timeout kills everything it spawned; its output is discarded, not piped, so a
-    surviving grandchild cannot block us on an open pipe.
+    Passes iff the harness reports that `check` returned (exit code 0 alone is not enough: an
+    `os._exit(0)` in the completion fails) within `timeout_s`. The completion is untrusted model
+    output: see the sandbox module for how it is isolated.
     """
     program = f"{code}\n\n{test}\n\ncheck({entry_point})\n"
-    with tempfile.TemporaryDirectory(prefix="humaneval_") as tmp:
-        path = os.path.join(tmp, "program.py")
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(program)
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "LANG": "C.UTF-8"}
-        proc = subprocess.Popen(
-            [sys.executable, "-I", path],
-            cwd=tmp,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            return proc.wait(timeout=timeout_s) == 0
-        except subprocess.TimeoutExpired:
-            return False
-        finally:
-            _kill_group(proc)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (left-over children included) and reap the child."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # group already gone
-        pass
-    proc.wait()
+    return sandbox.run_python(program, timeout_s).completed
 
 
 # ---------------------------------------------------------------- UT-5 refusal
