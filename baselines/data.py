@@ -1,4 +1,4 @@
-"""Paired forget/retain/refusal dataset of the baselines (SPEC-baselines §1, §2.1)."""
+"""Paired forget/retain/refusal dataset of the baselines (docs/algorithm.md, "The baselines")."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

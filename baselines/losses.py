@@ -1,4 +1,4 @@
-"""Loss terms of the fine-tuning baselines (SPEC-baselines §3–5), pure torch.
+"""Loss terms of the fine-tuning baselines (docs/algorithm.md, "The baselines"), pure torch.
 
 A method is composed from one entry of ``FORGET_TERMS`` and an optional entry of
 ``REGULARISERS``.  Every term is a function of a :class:`LossContext` and declares the

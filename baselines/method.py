@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RecipeConfig:
-    """The `recipe` config group: how the baselines optimise (SPEC-baselines §2.3)."""
+    """The `recipe` config group: how the baselines optimise (docs/algorithm.md, "The baselines")."""
 
     lr: float = 1e-5
     epochs: int = 5
@@ -53,7 +53,7 @@ class BaselineConfig:
 
 
 def schedule(n_forget: int, cfg: RecipeConfig, devices: int) -> tuple[int, int]:
-    """(max_steps, warm-up steps) as the reference runner computes them (SPEC-baselines §2.3)."""
+    """(max_steps, warm-up steps) as the reference's baseline runner computes them."""
     effective = cfg.batch_size * cfg.grad_accum * devices
     steps_per_epoch = n_forget // effective
     max_steps = cfg.epochs * n_forget // effective

@@ -1,4 +1,4 @@
-"""TOFU (fictitious authors), read from the offline data folder (`DATA.md`) or the hub.
+"""TOFU (fictitious authors), read from the offline data folder (`paths.data_dir`) or the hub.
 
 Standard splits are the `task_id == "1"` rows of the continual files; every 20-row block is one
 author. The CPU protocol keeps the paper's shape at small scale: the target learns the forget

@@ -16,7 +16,8 @@ from unierase.evaluation.metrics import gsm8k_gold
 from unierase.io import DataError, read_jsonl
 from unierase.records import UtilityItem
 
-# The instruction wording is the project's; the required answer phrases are the protocol (SPEC UT-1..4).
+# The instruction wording is the project's; the required answer phrases are what scoring looks for
+# (docs/metrics.md, UT-1 to UT-4).
 MMLU_PROMPT = ("Answer the following multiple-choice question by choosing one option (A, B, C or D). "
                "End your response with this exact sentence: The correct answer is <letter>.\n\n"
                "Question: {question}\nOptions:\nA. {A}\nB. {B}\nC. {C}\nD. {D}")
@@ -97,7 +98,8 @@ LOADERS: dict[str, Callable[[Path], list[UtilityItem]]] = {
 
 
 def subsample(items: Sequence[T], fraction: float, seed: int) -> list[T]:
-    """SPEC subsampling: shuffle the full list with random.Random(seed), keep the first int(f·N)."""
+    """Seeded subsample (docs/metrics.md, "ut: general ability"): shuffle the full list with
+    random.Random(seed), keep the first int(f·N)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"utility fraction {fraction} is not in [0, 1]")
     shuffled = list(items)

@@ -1,4 +1,5 @@
-"""Tests of the fine-tuning baselines: worked examples (SPEC-baselines §6), directions, training, DDP."""
+"""Tests of the fine-tuning baselines: worked examples of the losses (docs/algorithm.md, "The baselines"),
+directions, training, DDP."""
 from __future__ import annotations
 
 import copy
@@ -55,7 +56,7 @@ def test_primitives():
     assert token_mean_ce(logits, labels).item() == pytest.approx(ref.item())  # HF causal-LM loss
 
 
-# ------------------------------------------------------ worked examples (§6)
+# ------------------------------------------------------ worked examples
 def test_npo_worked_examples():
     theta, ref = nll_logits([[3.0, 3.0, 3.0, 3.0]]), nll_logits([[2.5, 2.5, 2.5, 2.5]])
     ctx = ctx_of(forget=theta)

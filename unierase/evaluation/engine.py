@@ -1,5 +1,5 @@
-"""Model-side primitives of the evaluation (SPEC-metrics §0): greedy generation (P2), teacher-forced
-answer NLL (P1), and the auxiliary models (sentence encoder, NLI classifier, refusal detector).
+"""Model-side primitives of the evaluation (docs/metrics.md, Conventions): greedy generation (P2),
+teacher-forced answer NLL (P1), and the auxiliary models (sentence encoder, NLI classifier, refusal detector).
 
 Both model primitives batch for speed and give the same result as a one-example-at-a-time loop:
 generation left-pads with explicit position ids, the NLL right-pads (causal attention never looks

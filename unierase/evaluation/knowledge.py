@@ -1,4 +1,4 @@
-"""Knowledge metrics of SPEC-metrics: the closer-look family (`cl.*`) on every split and the
+"""Knowledge metrics (docs/metrics.md): the closer-look family (`cl.*`) on every split and the
 open-unlearning family (`ou.*`) on TOFU.
 
 The model is run once (`evaluate_knowledge`): per-example generations, NLLs, embeddings scores and
@@ -42,7 +42,7 @@ from unierase.records import QA, Benchmark
 
 CL_METRICS = ("rouge", "prob", "truth_ratio", "token_entropy", "cosine", "entailment")
 FE_METRICS = ("rouge", "prob", "truth_ratio", "cosine", "entailment")  # token entropy excluded
-FORM_B_SPLITS = frozenset({"real_authors", "world_facts"})  # normalised probability (CL-2 form B)
+FORM_B_SPLITS = frozenset({"real_authors", "world_facts"})  # normalised probability (docs/metrics.md, CL-2 form B)
 OU_SPLITS = {"retain": "retain", "real_authors": "ra", "world_facts": "wf"}  # ou key prefixes
 
 RECORD_FILE = "knowledge.{split}.jsonl"
@@ -61,7 +61,8 @@ def _mean(values: Sequence[Any]) -> float | None:
 
 
 def _probs(split: str, rows: Sequence[dict]) -> list[float]:
-    """CL-2 per row: form B (normalised over the perturbed answers) on RA/WF, form A elsewhere."""
+    """Probability per row (docs/metrics.md, CL-2): form B (normalised over the perturbed answers) on RA/WF,
+    form A elsewhere."""
     if split in FORM_B_SPLITS:
         return [m.normalised_prob(m.prob_from_nll(r["nll_answer"]), [m.prob_from_nll(x) for x in r["nll_perturbed"]])
                 for r in rows]
@@ -243,7 +244,7 @@ def _correct_answer(qa: QA) -> tuple[str, str]:
 
 
 def _nli_pair(row: _Row, generation: str, tofu: bool) -> tuple[str, str]:
-    """(premise, hypothesis) in the SPEC CL-6 direction: generation → answer on TOFU forget and on
+    """(premise, hypothesis) as docs/metrics.md, CL-6 defines it: generation → answer on TOFU forget and on
     both real-world splits; reference → generation on the other TOFU splits."""
     if row.split == "forget" or not tofu:
         return generation, row.qa.answer
@@ -313,7 +314,7 @@ def _add_aux_scores(rows: list[_Row], cfg: EvalConfig, refusals: Sequence[str], 
         reasons["cosine"] = reason
     else:
         notes["cosine_encoder"] = encoder.name + ("" if "paraphrase-MiniLM" in encoder.name
-                                                  else " (SPEC names paraphrase-MiniLM-L6-v2, not available offline)")
+                                                  else " (closer-look: paraphrase-MiniLM-L6-v2, not available offline)")
         gen_emb = encoder.encode(generations)
         ref_emb = encoder.encode([row.qa.cosine_reference or row.qa.answer for row in rows])
         for row, a, b in zip(rows, gen_emb, ref_emb):
