@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.hub import download_tofu
 from unierase.io import DataError, read_jsonl, read_lines
 from unierase.records import QA, Benchmark
 
@@ -93,8 +94,6 @@ def load_tofu(cfg: TofuConfig) -> Benchmark:
     if SPLIT_SIZES[cfg.known_forget] < SPLIT_SIZES[cfg.split]:
         raise ValueError(f"benchmark.known_forget={cfg.known_forget} must contain split={cfg.split}")
     if cfg.source == "hub":
-        from benchmarks.hub import download_tofu
-
         data_dir = download_tofu()
     elif cfg.source == "local":
         data_dir = Path(cfg.data_dir)
