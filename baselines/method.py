@@ -13,11 +13,11 @@ from transformers import PreTrainedModel
 
 from baselines.data import PairedUnlearningDataset, collate_paired
 from baselines.module import UnlearningModule, needs_reference, required_parts
-from unierase.records import QA, Benchmark
 from unierase.context import RunContext
 from unierase.io import atomic_write_json
 from unierase.method import Unlearner
 from unierase.models import copy_model, encode_qa
+from unierase.records import QA, Benchmark
 from unierase.training import fit, make_trainer
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ class FinetuneUnlearner(Unlearner):
             [(qa.question, qa.training_answer) for qa in retain], benchmark.refusals, encode,
             idk_assignment=cfg.idk_assignment, parts=required_parts(cfg.forget_loss, cfg.regulariser),
         )
-        devices = ctx.trainer_cfg.devices if isinstance(ctx.trainer_cfg.devices, int) and ctx.trainer_cfg.devices > 0 else 1
+        requested = ctx.trainer_cfg.devices
+        devices = requested if isinstance(requested, int) and requested > 0 else 1
         max_steps, warmup = schedule(len(request), recipe, devices)
         reference = None
         if self.uses_reference:  # frozen copy of the model at the start of this request
@@ -112,7 +113,8 @@ class FinetuneUnlearner(Unlearner):
         # max_steps ends training (epochs = max_steps worth of forget passes), as in the reference runner.
         trainer = make_trainer(ctx.trainer_cfg, ctx.loggers or False, max_steps=max_steps, max_epochs=-1,
                                accumulate_grad_batches=recipe.grad_accum)
-        fit(trainer, module, DataLoader(dataset, batch_size=recipe.batch_size, shuffle=False, collate_fn=collate_paired))
+        batches = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=False, collate_fn=collate_paired)
+        fit(trainer, module, batches)
         self.forgotten |= {(qa.question, qa.answer) for qa in request}
         return model.eval()
 

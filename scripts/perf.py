@@ -27,8 +27,16 @@ from unierase.edit.statistics import second_moments
 from unierase.evaluation.engine import generate
 from unierase.finetune import FinetuneConfig, finetune
 from unierase.io import atomic_write_text
-from unierase.models import (ModelConfig, chat_prompt, copy_model, device, encode_qa, end_of_turn_ids, load_model,
-                             load_saved)
+from unierase.models import (
+    ModelConfig,
+    chat_prompt,
+    copy_model,
+    device,
+    encode_qa,
+    end_of_turn_ids,
+    load_model,
+    load_saved,
+)
 from unierase.run_dir import peak_rss_gb, versions
 from unierase.training import TrainerConfig, pad_batch
 
@@ -202,14 +210,16 @@ def main() -> None:
     command = " ".join(sys.argv[1:])
     lines = ["# Benchmarks", "", f"Command: `python -m scripts.perf {command}`",
              f"Machine: {env['platform']}, {os.cpu_count()} CPUs, torch {env['packages']['torch']}, "
-             f"device {env['device']}, {torch.get_num_threads()} torch thread(s), bf16 autocast.", "", "| comparison | figures | ratio |", "|---|---|---|"]
+             f"device {env['device']}, {torch.get_num_threads()} torch thread(s), bf16 autocast.", "",
+             "| comparison | figures | ratio |", "|---|---|---|"]
     for name, figures in results.items():
         shown = ", ".join(f"{k} {v:.1f}" for k, v in figures.items() if not k.startswith(("ratio", "speedup")))
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if k.startswith(("ratio", "speedup")))
         lines.append(f"| {name} | {shown} | {ratios} |")
     lines += ["", f"Peak RSS of the benchmark process: {peak_gb:.2f} GB (method jobs: their own peak RSS above).", "",
               "Ratios: generation `ratio` = ours / a bare one-prompt-at-a-time `model.generate` loop and "
-              "`ratio_vs_batched` = ours / bare left-padded batched `model.generate` (tokens/s, goal >= 0.85); training = "
+              "`ratio_vs_batched` = ours / bare left-padded batched `model.generate` (tokens/s, goal >= 0.85); "
+              "training = "
               "bare loop time / Lightning time (goal >= 0.85); statistics = first / second call (goal >= 20); "
               "method comparisons = UniErase `time.unlearn_s` / GA+GD `time.unlearn_s` (goals: per request <= 0.2, "
               "whole pipeline <= 1.0)."]

@@ -14,11 +14,18 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from baselines.data import PairedUnlearningDataset, collate_paired, pair_indices
-from unierase.token import refusal_for
-from baselines.losses import (FORGET_TERMS, REGULARISERS, LossContext, ap_from_nll, npo_from_nll,
-                              objective, sequence_nll, token_mean_ce)
+from baselines.losses import (
+    FORGET_TERMS,
+    REGULARISERS,
+    LossContext,
+    ap_from_nll,
+    npo_from_nll,
+    objective,
+    sequence_nll,
+    token_mean_ce,
+)
 from baselines.module import UnlearningModule, needs_reference, required_parts
-
+from unierase.token import refusal_for
 
 # A pytest_configure hook in a test module is never called (only conftest/plugins hooks are), so the
 # marker cannot be registered here; -m "slow" / -m "not slow" select it all the same.

@@ -337,6 +337,11 @@ def test_corpus_reading(tmp_path):
     assert list(read_documents(path)) == ["A guest-star , 1,000 and 2.5 .\nMore text .", "Other doc ."]
 
 
+def grabber(grabbed: dict[int, torch.Tensor], layer: int):
+    """A forward pre-hook that keeps the layer's input."""
+    return lambda module, args: grabbed.__setitem__(layer, args[0][0])
+
+
 def test_second_moments_skip_padding(tiny, tmp_path):
     model, tokenizer = tiny
     corpus = tmp_path / "corpus"
@@ -348,9 +353,9 @@ def test_second_moments_skip_padding(tiny, tmp_path):
     assert len({len(c) for c in chunks}) > 1  # the batch really holds padding
     expected = {layer: torch.zeros(128, 128, device=model.device) for layer in LAYERS}
     for chunk in chunks:  # one unpadded chunk at a time
-        grabbed = {}
-        handles = [model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
-            lambda module, args, layer=layer: grabbed.__setitem__(layer, args[0][0])) for layer in LAYERS]
+        grabbed: dict[int, torch.Tensor] = {}
+        handles = [model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(grabber(grabbed, layer))
+                   for layer in LAYERS]
         with torch.no_grad():
             model(input_ids=torch.tensor([chunk], device=model.device))
         for handle in handles:

@@ -7,16 +7,20 @@ import json
 
 import pytest
 import torch
+from conftest import CACHE_ROOT, tiny_config
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from benchmarks.tofu import TofuConfig, load_tofu
-from conftest import CACHE_ROOT, tiny_config
-from unierase.evaluation import metrics as m
-from unierase.evaluation.engine import answer_nll, generate, generate_ids, load_encoder, load_nli
 from benchmarks.utility import load_gsm8k, load_mmlu, load_triviaqa, load_utility, subsample
+from unierase.evaluation import metrics as m
 from unierase.evaluation.config import eval_config
+from unierase.evaluation.engine import answer_nll, generate, generate_ids, load_encoder, load_nli
 from unierase.evaluation.knowledge import (
-    FORGET_TR_FILE, SUMMARY_FILE, aggregate_from_records, evaluate_knowledge, read_forget_truth_ratios,
+    FORGET_TR_FILE,
+    SUMMARY_FILE,
+    aggregate_from_records,
+    evaluate_knowledge,
+    read_forget_truth_ratios,
     read_knowledge_records,
 )
 from unierase.evaluation.utility import evaluate_utility

@@ -6,24 +6,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CACHE_ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from benchmarks import BENCHMARKS
 from benchmarks.real_world import RealWorldConfig, load_real_world, with_answers
 from benchmarks.tofu import TofuConfig, load_tofu
-from benchmarks import BENCHMARKS
 from unierase.config import typed
 from unierase.evaluation.config import EvalConfig
 from unierase.finetune import FinetuneConfig, answer_loss, finetune
-from unierase.target import TargetConfig, cached_finetune
 from unierase.io import DataError, read_jsonl
 from unierase.models import ModelConfig, chat_prompt, encode_qa, package_dir, turn_end_id
 from unierase.objective import ObjectiveConstraint
 from unierase.run import CONFIG_DIR, METHODS
 from unierase.settings import SettingConfig
+from unierase.target import TargetConfig, cached_finetune
 from unierase.training import TrainerConfig
-
-from conftest import CACHE_ROOT
 
 QUIET = TrainerConfig(enable_progress_bar=False, precision="32-true")
 
@@ -59,7 +58,8 @@ def test_every_config_group_entry_composes(group, data_dir):
 def test_model_configs_validate_against_schema():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for entry in group_entries("model"):
-            cfg = compose("config", overrides=[f"model={entry}"] + (["model.path=some/dir"] if entry == "saved" else []))
+            path = ["model.path=some/dir"] if entry == "saved" else []
+            cfg = compose("config", overrides=[f"model={entry}", *path])
             assert typed(cfg.model, ModelConfig).name == entry
 
 
@@ -83,7 +83,8 @@ def test_tofu_standard_split_counts_and_author_blocks(data_dir, split, rows, aut
 
 
 def test_tofu_nesting_and_sequential_rounds(data_dir):
-    bench = load_tofu(TofuConfig(data_dir=str(data_dir), split="forget05", known_forget="forget10", retain_authors=None))
+    bench = load_tofu(TofuConfig(data_dir=str(data_dir), split="forget05", known_forget="forget10",
+                                 retain_authors=None))
     known = [(q.question, q.answer) for q in bench.target_train[:400]]
     assert [(q.question, q.answer) for q in bench.forget] == known[:200]
     assert len(bench.retain_train) == 3600 + 200  # retain90 + the forget10 authors not being forgotten

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CACHE_ROOT
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from unierase.models import load_saved
 from unierase.run import CONFIG_DIR, run
-
-from conftest import CACHE_ROOT
 
 FAST = [
     "experiment=smoke", "logger=none", "trainer.enable_progress_bar=false", "eval.families=[cl]",
@@ -91,13 +90,32 @@ def test_unierase_batch_edits_and_reuses_caches(tmp_path, data_dir):
     assert second["cl.forget.prob"] == pytest.approx(first["cl.forget.prob"], rel=1e-5)
 
 
-def test_unierase_protects_token_keys_with_continuation_targets(tmp_path, data_dir):
-    """The unierase_cpu options wire through: Stage A's texts become protected keys, z* sees the refusal."""
+def test_unierase_protects_token_keys_with_continuation_targets(tmp_path, data_dir, monkeypatch):
+    """The unierase_cpu options wire through a job: Stage A's own texts reach the edit and become
+    protected keys, and every request's value target carries its refusal continuation."""
+    import unierase.unierase as unierase_method
+
+    calls = []
+    real_apply_edits = unierase_method.apply_edits
+
+    def recording_apply_edits(model, tokenizer, requests, cfg, *args, **kwargs):
+        state = real_apply_edits(model, tokenizer, requests, cfg, *args, **kwargs)
+        calls.append((requests, cfg, kwargs["token_texts"], state))
+        return state
+
+    monkeypatch.setattr(unierase_method, "apply_edits", recording_apply_edits)
     overrides = TINY_UNIERASE + ["method.edit.protect=token_keys", "method.edit.value_target=token_continuation"]
-    metrics, run_dir = run_job(tmp_path, overrides, isolated_cache(tmp_path), "protected")
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
-    assert metrics["unierase.edited_fraction"] > 0 and "<unlearn_0>" in AutoTokenizer.from_pretrained(run_dir / "model").get_vocab()
-    assert model.config.vocab_size >= len(AutoTokenizer.from_pretrained(run_dir / "model"))
+    run_job(tmp_path, overrides, isolated_cache(tmp_path), "protected")
+    (requests, cfg, token_texts, state), = calls
+    assert (cfg.protect, cfg.value_target) == ("token_keys", "token_continuation")
+    assert sorted(question for question, _ in token_texts) == sorted(request.question for request in requests)
+    unlearn_id = AutoTokenizer.from_pretrained(tmp_path / "protected" / "model").convert_tokens_to_ids("<unlearn_0>")
+    for request in requests:
+        targets = request.target_sequence(cfg)
+        assert targets[0] == unlearn_id and targets[-1] == unlearn_id and len(targets) > 2  # U, refusal, U
+    protected_positions = sum(len(ids) for _, ids in token_texts)
+    for layer in cfg.layers:  # one protected key per position of U + refusal + U of every text
+        assert state.protect_keys[layer].shape[1] == protected_positions
 
 
 def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, data_dir):

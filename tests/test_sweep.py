@@ -10,17 +10,16 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import CACHE_ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from test_pipeline import FAST
 
 from unierase.config import typed
 from unierase.io import atomic_dir
 from unierase.objective import ObjectiveConstraint, objective_value
 from unierase.report import main as unierase_table
 from unierase.run import CONFIG_DIR
-
-from conftest import CACHE_ROOT
-from test_pipeline import FAST
 
 METRICS = {"cl.forget_efficacy": 0.8, "cl.model_utility": 0.3, "cl.forget.rouge": None, "rounds": 3}
 
@@ -48,7 +47,8 @@ def test_objective_errors_name_the_metric_and_list_the_available_ones():
     with pytest.raises(ValueError, match=r"optimized_metric 'cl.forget_eficacy' is not a metric of this run; "
                                          r"metrics with a value: cl.forget_efficacy, cl.model_utility, rounds$"):
         objective_value(METRICS, "cl.forget_eficacy")
-    with pytest.raises(ValueError, match=r"optimized_metric 'cl.forget.rouge' has no numeric value in this run \(None\)"):
+    message = r"optimized_metric 'cl.forget.rouge' has no numeric value in this run \(None\)"
+    with pytest.raises(ValueError, match=message):
         objective_value(METRICS, "cl.forget.rouge")
     with pytest.raises(ValueError, match="objective_constraint.metric 'ou.model_utility' is not a metric"):
         objective_value(METRICS, "cl.forget_efficacy", ObjectiveConstraint(metric="ou.model_utility", min=0.1))

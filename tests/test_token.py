@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.utils.data import DataLoader
 
-from conftest import tiny_config
 from unierase.io import read_lines
 from unierase.models import IGNORE_INDEX, chat_prompt, encode_qa, load_model, turn_end_id
 from unierase.token import TokenArtifact, TokenConfig, refusal_for, train_unlearning_token

@@ -7,9 +7,9 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from unierase.records import QA, Benchmark
 from unierase.context import RunContext
 from unierase.models import load_saved, save_model
+from unierase.records import QA, Benchmark
 
 
 class Unlearner(ABC):

@@ -47,7 +47,9 @@ def objective_value(metrics: Mapping[str, Any], metric: str,
     if constraint is None or constraint.metric is None:
         return value
     bound = _value(metrics, constraint.metric, "objective_constraint.metric")
-    if (constraint.min is not None and bound < constraint.min) or (constraint.max is not None and bound > constraint.max):
+    below = constraint.min is not None and bound < constraint.min
+    above = constraint.max is not None and bound > constraint.max
+    if below or above:
         log.warning("%s = %.4f is outside [%s, %s]: objective %s = %.4f scores the penalty %s",
                     constraint.metric, bound, constraint.min, constraint.max, metric, value, constraint.penalty)
         return constraint.penalty

@@ -13,17 +13,18 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from unierase.records import Benchmark
 from unierase.evaluation.engine import generate
 from unierase.io import atomic_write_json, atomic_write_jsonl, stable_hash
 from unierase.models import ModelConfig, autocast_dtype, chat_prompt
+from unierase.records import Benchmark
 
 log = logging.getLogger(__name__)
 
 
 def benchmark_questions(benchmark: Benchmark) -> list[str]:
     """Every question the benchmark scores or trains on, once, in a stable order."""
-    rows = [*benchmark.forget, *benchmark.retain_train, *(qa for split in benchmark.eval_splits.values() for qa in split)]
+    evaluated = (qa for split in benchmark.eval_splits.values() for qa in split)
+    rows = [*benchmark.forget, *benchmark.retain_train, *evaluated]
     return list(dict.fromkeys(qa.question for qa in rows))
 
 

@@ -15,13 +15,20 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from unierase.records import QA, Benchmark
 from unierase.context import RunContext
-from unierase.edit import (EditConfig, EditRequest, EditState, apply_edits, edited_fraction, nullspace_projectors,
-                           second_moments)
-from unierase.method import Unlearner
+from unierase.edit import (
+    EditConfig,
+    EditRequest,
+    EditState,
+    apply_edits,
+    edited_fraction,
+    nullspace_projectors,
+    second_moments,
+)
 from unierase.evaluation.engine import generate_ids
+from unierase.method import Unlearner
 from unierase.models import ModelConfig, autocast_dtype, chat_prompt
+from unierase.records import QA, Benchmark
 from unierase.token import TokenArtifact, TokenConfig, artifact_key, refusal_for, train_unlearning_token
 
 log = logging.getLogger(__name__)

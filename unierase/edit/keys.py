@@ -17,7 +17,7 @@ from torch import Tensor
 from unierase.edit.capture import StopForward, capture, hooks
 from unierase.edit.config import EditConfig, EditRequest
 from unierase.edit.prompts import encode, rewriting_texts, uses_subject
-from unierase.models import ModelConfig, chat_prompt, module_by_name
+from unierase.models import ModelConfig, chat_prompt, module_by_name, pad_rows
 
 
 @dataclass
@@ -100,9 +100,7 @@ def continuation_keys(run: EditRun, items: Sequence[tuple[str, Sequence[int]]],
     with hooks([(run.key_modules[layer], "pre", key_hook(layer)) for layer in layers]), torch.no_grad():
         for first in range(0, len(sequences), run.cfg.forward_batch_size):
             batch = sequences[first:first + run.cfg.forward_batch_size]
-            width = max(len(ids) for ids in batch)
-            ids = torch.tensor([row + [0] * (width - len(row)) for row in batch], device=run_device)
-            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch], device=run_device)
+            ids, mask = pad_rows(batch, 0, device=run_device)
             with contextlib.suppress(StopForward):
                 run.model(input_ids=ids, attention_mask=mask, use_cache=False)
             for layer in layers:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from unierase.edit.config import EditConfig, EditRequest
-from unierase.models import ModelConfig, chat_prompt
+from unierase.models import ModelConfig, chat_prompt, pad_rows
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -53,13 +53,9 @@ def encode(tokenizer: Any, items: Sequence[tuple[str, tuple[int, int] | None, bo
         hits = [i for i, (s, e) in enumerate(enc.offset_mapping) if span and s < span[1] and e > span[0]]
         rows.append(ids)
         lookups.append(hits[-1] if hits else len(ids) - 1)
-    width = max(len(ids) for ids in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Encoded(
-        input_ids=torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows]),
-        attention_mask=torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]),
-        lookup=torch.tensor(lookups), last=torch.tensor([len(ids) - 1 for ids in rows]),
-    )
+    input_ids, attention_mask = pad_rows(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return Encoded(input_ids=input_ids, attention_mask=attention_mask, lookup=torch.tensor(lookups),
+                   last=torch.tensor([len(ids) - 1 for ids in rows]))
 
 
 def rewriting_texts(tokenizer: Any, request: EditRequest, templates: list[str], cfg: EditConfig,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from unierase.edit.capture import StopForward
 from unierase.edit.corpus import corpus_chunks, corpus_files
 from unierase.io import DataError, atomic_dir, atomic_write_json, file_digest, stable_hash
-from unierase.models import module_by_name
+from unierase.models import module_by_name, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,7 @@ def second_moments(
         bar = tqdm(total=len(chunks), desc="second moments", unit="chunk", disable=bool(os.environ.get("CI")))
         for start in range(0, len(chunks), batch_size):
             batch = chunks[start:start + batch_size]
-            width = max(len(chunk) for chunk in batch)
-            ids = torch.tensor([chunk + [pad] * (width - len(chunk)) for chunk in batch], device=run_device)
-            attention = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in batch], device=run_device)
+            ids, attention = pad_rows(batch, pad, device=run_device)
             mask = attention.bool()
             n_tokens += int(mask.sum())
             autocast_ctx = (torch.autocast(run_device.type, dtype=autocast) if autocast is not None

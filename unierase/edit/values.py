@@ -18,7 +18,7 @@ from unierase.edit.capture import frozen
 from unierase.edit.config import EditConfig, EditRequest
 from unierase.edit.prompts import Encoded, encode, kl_text, rewriting_texts, uses_subject
 from unierase.edit.replay import SuffixReplay
-from unierase.models import ModelConfig
+from unierase.models import ModelConfig, pad_rows
 
 
 def weight_decay_term(delta: Tensor, h0: Tensor, weight: float) -> Tensor:
@@ -56,12 +56,9 @@ def append_targets(enc: Encoded, owner: Tensor, is_kl: Tensor,
             score_position += range(last, last + len(sequence))
             labels += sequence
         rows.append(ids)
-    width = max(len(ids) for ids in rows)
-    extended = Encoded(
-        input_ids=torch.tensor([ids + [0] * (width - len(ids)) for ids in rows]),  # padding is masked out
-        attention_mask=torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows]),
-        lookup=enc.lookup, last=torch.tensor([len(ids) - 1 for ids in rows]),
-    )
+    input_ids, attention_mask = pad_rows(rows, 0)  # padding is masked out
+    extended = Encoded(input_ids=input_ids, attention_mask=attention_mask, lookup=enc.lookup,
+                       last=torch.tensor([len(ids) - 1 for ids in rows]))
     return extended, torch.tensor(score_row), torch.tensor(score_position), torch.tensor(labels)
 
 

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from unierase.evaluation.metrics import is_refusal
-from unierase.models import (
-    IGNORE_INDEX, device, end_of_turn_ids, kv_cache_name, package_dir, pad_rows, turn_end_id,
-)
+from unierase.models import IGNORE_INDEX, device, end_of_turn_ids, kv_cache_name, package_dir, pad_rows, turn_end_id
 
 # Errors an auxiliary model raises when it is missing offline, not installed, or not a model dir.
 _LOAD_ERRORS = (ImportError, OSError, ValueError)

@@ -1,4 +1,4 @@
-"""Pure metric functions for the three families of SPEC-metrics.md.
+"""Pure metric functions of the three families (cl, ou, ut) that docs/metrics.md defines.
 
 Model-dependent inputs (NLLs, log-probs, embeddings, NLI labels, argmax predictions)
 are passed in already computed, so every function here is deterministic and testable.
@@ -11,7 +11,7 @@ import math
 import re
 import string
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer
@@ -34,7 +34,7 @@ def _values(values: Sequence[float]) -> np.ndarray:
     return arr
 
 
-# ---------------------------------------------------------------- primitives (§0)
+# ---------------------------------------------------------------- primitives (docs/metrics.md, Conventions)
 
 
 def rouge_l_recall(reference: str, generation: str) -> float:
@@ -326,7 +326,7 @@ def is_refusal(response: str, pool: Sequence[str], max_cosine: float, threshold:
 def first_sentence(response: str) -> str:
     """The response up to and including its first '.', '?' or '!' (all of it when it has none).
 
-    [PROJ] For "refuses first": an answer that opens with a refusal and then rambles on is a refusal at
+    Our addition, for "refuses first": an answer that opens with a refusal and then rambles on is a refusal at
     its start but not as a whole, and the two rates tell these apart.
     """
     text = response.strip()

@@ -102,7 +102,7 @@ def train_unlearning_token(
     tied = is_tied(model)
     share = cfg.share
     if tied and not share:
-        warnings.warn("token.share=false needs an untied lm_head; this model is tied, using share=true")
+        warnings.warn("token.share=false needs an untied lm_head; this model is tied, using share=true", stacklevel=2)
         share = True
     count = 1 if cfg.train_on == "generic" else num_tokens(len(questions), cfg.samples_per_token)
     ids = add_unlearning_tokens(model, tokenizer, count, cfg.init_std, cfg.seed, share)
@@ -123,7 +123,7 @@ def train_unlearning_token(
                 raise TruncationError(
                     f"item {i} ({question[:60]!r}) is too long for token.max_length={cfg.max_length}: {err}"
                 ) from None
-            warnings.warn(f"skipping item {i}: {err} (token.max_length={cfg.max_length})")
+            warnings.warn(f"skipping item {i}: {err} (token.max_length={cfg.max_length})", stacklevel=2)
             skipped.append(question)
             continue
         plain.append(pair[0])
@@ -165,7 +165,7 @@ def train_unlearning_token(
         sanity["phase2"] = _sanity(module, tokenizer, picks, model_cfg, cfg.sanity_max_new_tokens, "phase 2")
         if cfg.perturb.mode != "none" and cfg.phase3.epochs > 0:
             if not layers:
-                warnings.warn("phase 3 has no layers to perturb; skipped")
+                warnings.warn("phase 3 has no layers to perturb; skipped", stacklevel=2)
             else:
                 module.perturb = cfg.perturb
                 weights = {n: module_by_name(model, model_cfg.down_proj_template.format(n)).weight for n in layers}
