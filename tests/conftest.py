@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from unierase.evaluation.config import EvalConfig
 from unierase.models import ModelConfig, load_model
 
 # Tiny models are fastest single-threaded: thread start-up dominates their small matmuls.
@@ -46,3 +48,10 @@ def tiny_cfg() -> ModelConfig:
 def tiny(tiny_cfg):
     """A fresh (model, tokenizer) per test: tests mutate weights."""
     return load_model(tiny_cfg, CACHE_ROOT, seed=0)
+
+
+def eval_config(preset: str, **overrides) -> EvalConfig:
+    """An `eval` group entry (conf/eval/<preset>.yaml) merged with dotted-key overrides, outside Hydra."""
+    node = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(ROOT / "conf" / "eval" / f"{preset}.yaml"),
+                           OmegaConf.from_dotlist([f"{key}={value}" for key, value in overrides.items()]))
+    return OmegaConf.to_object(node)

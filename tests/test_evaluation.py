@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import CACHE_ROOT, tiny_config
+from conftest import CACHE_ROOT, eval_config, tiny_config
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from benchmarks.tofu import TofuConfig, load_tofu
 from benchmarks.utility import load_gsm8k, load_mmlu, load_triviaqa, load_utility, subsample
 from unierase.evaluation import metrics as m
-from unierase.evaluation.config import eval_config
 from unierase.evaluation.engine import answer_nll, generate, generate_ids, load_encoder, load_nli
 from unierase.evaluation.knowledge import (
     FORGET_TR_FILE,

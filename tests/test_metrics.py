@@ -147,17 +147,6 @@ def test_extraction_strength_and_em():
     assert m.exact_memorization([5, 9, 7, 8], labels) == 0.75
 
 
-def test_mia_auc_privleak():
-    assert m.mia_min_k_score([-0.1, -2.0, -0.5, -3.0, -0.2]) == pytest.approx(2.5)
-    assert m.mia_min_k_score([-0.7, -0.1]) == pytest.approx(0.7)  # floor(0.8) = 0 -> keep at least one
-    assert m.roc_auc([0.1, 0.4], [0.35, 0.8]) == pytest.approx(0.75)
-    assert m.roc_auc([0.5], [0.5]) == pytest.approx(0.5)  # ties count one half
-    assert m.privleak(0.7, 0.5) == pytest.approx(-40.0)
-    assert m.privleak(0.7) == pytest.approx(-40.0)
-
-
-# ---------------------------------------------------------------- UT family
-
 
 def test_mmlu():
     assert m.mmlu_correct("Because of X. The correct answer is B.", "B")
@@ -240,16 +229,12 @@ def test_humaneval_hard_exit_and_infinite_loop():
     assert time.monotonic() - start < 10
 
 
-def test_refusal_rate_and_graded():
+def test_refusal_rate():
     pool = ["I don't know.", "I have no idea."]
     rows = [("Not sure about that one.", 0.62), ("Paris.", 0.30), ("  I don't know.\n", 0.1)]
     flags = [m.is_refusal(r, pool, c) for r, c in rows]
     assert flags == [True, False, True]
     assert np.mean(flags) == pytest.approx(0.66667, **TIGHT)
-    graded = [m.graded_refusal(c, exact=r.strip() in pool) for r, c in rows]
-    assert graded == pytest.approx([0.62, 0.0, 1.0])
-    assert np.mean(graded) == pytest.approx(0.54)
-    assert m.graded_refusal(0.8, exact=False) == 1.0
     assert m.is_refusal("x", pool, 0.5)  # the threshold is inclusive
 
 

@@ -1,4 +1,5 @@
-"""End to end through the Hydra config and `run`, on the tiny model: settings, methods, run directories."""
+"""End to end through the Hydra config and `run`, on the tiny model: settings, methods, run directories.
+Each job takes 20 s to minutes, so all but the cheapest are in the slow tier."""
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ def test_batch_baseline_writes_the_run_directory(tmp_path, data_dir):
     assert versions["packages"]["torch"] and versions["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_target_built_in_a_child_process_equals_one_built_here(tmp_path, data_dir):
     """target.build_in_subprocess: the job's target comes from a spawned process, and is the same model."""
     caches = {side: isolated_cache(tmp_path / side) for side in ("child", "here")}
@@ -69,6 +71,7 @@ def test_target_built_in_a_child_process_equals_one_built_here(tmp_path, data_di
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-3
 
 
+@pytest.mark.slow
 def test_unierase_batch_edits_and_reuses_caches(tmp_path, data_dir):
     cache = isolated_cache(tmp_path)
     first, run_dir = run_job(tmp_path, TINY_UNIERASE, cache, "first")
@@ -90,6 +93,7 @@ def test_unierase_batch_edits_and_reuses_caches(tmp_path, data_dir):
     assert second["cl.forget.prob"] == pytest.approx(first["cl.forget.prob"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_unierase_protects_token_keys_with_continuation_targets(tmp_path, data_dir, monkeypatch):
     """The unierase_cpu options wire through a job: Stage A's own texts reach the edit and become
     protected keys, and every request's value target carries its refusal continuation."""
@@ -118,6 +122,7 @@ def test_unierase_protects_token_keys_with_continuation_targets(tmp_path, data_d
         assert state.protect_keys[layer].shape[1] == protected_positions
 
 
+@pytest.mark.slow
 def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, data_dir):
     overrides = ["method=ga_gd", "setting=sequential", "setting.rounds=3", "benchmark.known_forget=forget10",
                  "benchmark.retain_authors=1", "eval.max_rows=2"]
@@ -138,6 +143,7 @@ def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, dat
     assert not (resumed_dir / "eval" / "round_01").exists()  # round 1 was not redone
 
 
+@pytest.mark.slow
 def test_precise_requests_one_pair_each(tmp_path, data_dir):
     metrics, run_dir = run_job(tmp_path, ["method=ga_gd", "setting=precise", "setting.item_ids=[0,21]"],
                                isolated_cache(tmp_path))

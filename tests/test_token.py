@@ -240,6 +240,7 @@ def test_untied_share_rules(tiny_cfg, cache_root):
             assert not torch.allclose(art.output_rows[0], init[1]) and not torch.allclose(art.output_rows[0], init[0])
 
 
+@pytest.mark.slow  # three token phases on an untied copy: ~30 s
 def test_untie_output_on_a_tied_model(tiny, tiny_cfg, tmp_path):
     """untie_output: the tied model gets its own lm_head; the original rows of both stay bit-identical,
     the new output row trains apart from the input row (share=false), and a fresh tied model re-applies it."""
