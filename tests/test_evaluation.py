@@ -13,15 +13,15 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 from benchmarks.tofu import TofuConfig, load_tofu
 from benchmarks.utility import load_gsm8k, load_mmlu, load_triviaqa, load_utility, subsample
 from unierase.evaluation import metrics as m
-from unierase.evaluation.engine import answer_nll, generate, generate_ids, load_encoder, load_nli
-from unierase.evaluation.knowledge import (
+from unierase.evaluation.aggregate import (
     FORGET_TR_FILE,
     SUMMARY_FILE,
     aggregate_from_records,
-    evaluate_knowledge,
     read_forget_truth_ratios,
     read_knowledge_records,
 )
+from unierase.evaluation.engine import answer_nll, generate, generate_ids, load_encoder, load_nli
+from unierase.evaluation.knowledge import evaluate_knowledge
 from unierase.evaluation.utility import evaluate_utility
 from unierase.io import DataError
 from unierase.models import chat_prompt, end_of_turn_ids, load_model, package_dir, turn_end_id
