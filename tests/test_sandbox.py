@@ -18,6 +18,7 @@ import pytest
 
 from unierase.evaluation import metrics as m
 from unierase.evaluation import sandbox
+from unierase.evaluation.sandbox import cleanup, runner
 
 ADD_TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n"
 GOOD = "def add(a, b):\n    return a + b\n"
@@ -67,7 +68,7 @@ def namespaces(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if request.param and not sandbox.namespace_prefix():
         pytest.skip("user namespaces unavailable here")
     if not request.param:
-        monkeypatch.setattr(sandbox, "_NAMESPACE_PREFIX", [])
+        monkeypatch.setattr(runner, "_NAMESPACE_PREFIX", [])
     return request.param
 
 
@@ -79,6 +80,14 @@ def test_correct_passes_wrong_fails_and_layers_reported():
     assert not sandbox.run_python(program("def add(a, b):\n    return a - b\n")).completed
     assert m.humaneval_passes(GOOD, ADD_TEST, "add")
     assert not m.humaneval_passes("def add(a, b):\n    return a - b\n", ADD_TEST, "add")
+
+
+def test_child_bootstrap_is_self_contained():
+    # child.py runs by path (`python -I`): it must load nothing of the package, and nothing that forks.
+    code = ("import sys\nloaded = {name.partition('.')[0] for name in sys.modules}\n"
+            "assert not loaded & {'unierase', 'subprocess', '_posixsubprocess'}, loaded\n" + GOOD)
+    assert sandbox.run_python(program(code)).completed
+    assert not sandbox.run_python(program("import sys\nassert 'unierase' in sys.modules\n" + GOOD)).completed
 
 
 def test_ordinary_solutions_still_work():
@@ -197,7 +206,7 @@ def test_cleanup_never_raises(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     def broken_rmtree(*args: object, **kwargs: object) -> None:
         raise OSError(39, "Directory not empty")  # what a late writer caused in the issue
 
-    monkeypatch.setattr(sandbox.shutil, "rmtree", broken_rmtree)
+    monkeypatch.setattr(cleanup.shutil, "rmtree", broken_rmtree)
     sandbox.remove_tree(str(tmp_path))  # no exception, a logged warning
     result = sandbox.run_python(program(GOOD))
     assert result.completed  # the run itself is unaffected

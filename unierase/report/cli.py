@@ -1,0 +1,39 @@
+"""`unierase-table PATH [PATH...] [--out DIR] [--name NAME]`: the report over the runs under PATH.
+
+Writes `<out>/<name>.md`, `<name>.csv`, `<name>_fe_vs_mu.png` and, when a run has `rounds.json`,
+`<name>_sequential.png`; prints the Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from unierase.io import atomic_write_text
+from unierase.report.grouping import load_runs
+from unierase.report.plots import plot_fe_vs_mu, plot_sequential
+from unierase.report.tables import render_csv, render_markdown
+
+
+def write_report(paths: list[Path], out: Path, name: str) -> str:
+    """Write the table, CSV and plots; return the Markdown table."""
+    runs = load_runs(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(runs)
+    atomic_write_text(out / f"{name}.md", markdown)
+    atomic_write_text(out / f"{name}.csv", render_csv(runs))
+    plot_fe_vs_mu(runs, out / f"{name}_fe_vs_mu.png")
+    if any(r.rounds for r in runs):
+        plot_sequential(runs, out / f"{name}_sequential.png")
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="unierase-table", description="Summarise run directories into a Markdown/CSV table and plots.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                        help="directories searched recursively for runs (metrics.json + config_resolved.yaml)")
+    parser.add_argument("--out", type=Path, help="output directory (default: the first PATH)")
+    parser.add_argument("--name", default="summary", help="output file stem (default: summary)")
+    args = parser.parse_args(argv)
+    print(write_report(args.paths, args.out or args.paths[0], args.name), end="")
+

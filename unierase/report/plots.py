@@ -1,0 +1,134 @@
+"""The report's plots: forget efficacy vs model utility, and ROUGE per round of a sequential run.
+
+Each plot averages the runs of one configuration over seeds (plot_units), and never averages two runs
+with the same seed. Figures are written atomically as PNG.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+from unierase.report.runs import FAMILY, FE, MU, Run, _differs_text, _number
+
+matplotlib.use("Agg")  # headless: servers and tests have no display; set before any figure exists
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What a plot draws as one point or line: one configuration's runs, at most one per seed."""
+    label: str
+    runs: tuple[Run, ...]  # n = len(runs): the seeds averaged
+
+
+def plot_units(runs: list[Run]) -> list[Unit]:
+    """One unit per configuration, averaging its seeds. A configuration with a seed run twice is not
+    averaged at all: each of its runs is a unit, labelled with its seed and directory.
+
+    Labels: the method; the benchmark, split, setting and model where the runs mix them; and, where its
+    family has several configurations, the settings that differ and the configuration hash."""
+    varying = [k for k in FAMILY[1:] if len({run.ids[k] for run in runs}) > 1]
+    configs: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        configs[run.config].append(run)
+    units = []
+    for members in configs.values():
+        first = members[0]
+        label = str(first.ids["method"])
+        if varying:
+            label += f" ({'/'.join(str(first.ids[k]) for k in varying)})"
+        if first.differs:
+            label += f" [{_differs_text(first.differs)}] #{first.config}"
+        seeds = [run.ids["seed"] for run in members]
+        if len(set(seeds)) == len(seeds):
+            units.append(Unit(label, tuple(members)))
+        else:
+            root = Path(os.path.commonpath([run.path for run in members]))
+            units += [Unit(f"{label} seed={run.ids['seed']} {run.path.relative_to(root)}", (run,)) for run in members]
+    return sorted(units, key=lambda unit: unit.label)
+
+
+def _save_figure(fig: plt.Figure, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Point:
+    text: str  # its annotation: the unit's label, `*` when partial, (n=seeds averaged)
+    n: int
+    model_utility: float
+    forget_efficacy: float
+
+
+def plot_fe_vs_mu(runs: list[Run], path: Path) -> list[Point]:
+    """One point per configuration, the mean over its seeds (plot_units); returns the points drawn."""
+    units = plot_units([r for r in runs if r.values[FE] is not None and r.values[MU] is not None])
+    points = []
+    for unit in units:
+        partial = "*" if any(r.partial & {FE, MU} for r in unit.runs) else ""
+        n = len(unit.runs)
+        points.append(Point(f"{unit.label}{partial} (n={n})", n, sum(r.values[MU] for r in unit.runs) / n,
+                            sum(r.values[FE] for r in unit.runs) / n))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for point in points:
+        ax.scatter(point.model_utility, point.forget_efficacy)
+        ax.annotate(point.text, (point.model_utility, point.forget_efficacy), textcoords="offset points",
+                    xytext=(5, 5))
+    if not points:
+        ax.text(0.5, 0.5, "no run has both values", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("Model Utility")
+    ax.set_ylabel("Forget Efficacy")
+    ax.set_title("Forget Efficacy vs Model Utility (mean over seeds; * partial)")
+    ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+    return points
+
+
+SEQUENTIAL_METRICS: tuple[tuple[str, str], ...] = (("cl.forget.rouge", "Forget ROUGE"),
+                                                   ("cl.retain.rouge", "Retain ROUGE"))
+
+
+def plot_sequential(runs: list[Run], path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Forget and retain ROUGE after each round, one line per configuration, the mean over its seeds;
+    returns the lines drawn: legend -> metric -> (round, value)."""
+    lines: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for unit in plot_units([r for r in runs if r.rounds]):
+        by_round: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))  # metric -> round
+        for run in unit.runs:
+            for entry in run.rounds:
+                for metric, _ in SEQUENTIAL_METRICS:
+                    value = _number(entry.get(metric))
+                    if value is not None:
+                        by_round[metric][int(entry["round"])].append(value)
+        lines[f"{unit.label} (n={len(unit.runs)})"] = {
+            metric: sorted((number, sum(values) / len(values)) for number, values in by_round[metric].items())
+            for metric, _ in SEQUENTIAL_METRICS}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for ax, (metric, title) in zip(axes, SEQUENTIAL_METRICS):
+        for legend, by_metric in lines.items():
+            if by_metric[metric]:
+                ax.plot(*zip(*by_metric[metric]), marker="o", label=legend)
+        ax.set_xlabel("Round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} per round")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend()
+    _save_figure(fig, path)
+    return lines

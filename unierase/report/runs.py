@@ -1,0 +1,182 @@
+"""Run directories and what the report reads from them: the Run record and the table's columns.
+
+A run directory is any directory holding both `metrics.json` and `config_resolved.yaml` (single runs
+under `outputs/runs/`, sweep jobs under `outputs/multiruns/`). `load_run` reads one into a Run: its ID
+columns, its metric values (flagging those taken from a partial fallback), its rounds, and its settings
+(the flattened resolved config without the seed and IGNORED_KEYS).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+# Resolved-config keys (and everything under them) that cannot change a run's results, left out of its
+# configuration: where the cache lives (entries are keyed by what produced them), logging and labels, the
+# progress display, what a sweeper is told, and how the target is built (not part of its cache key: the
+# same cached target either way). Everything else counts, so an unknown key splits groups, never merges them.
+IGNORED_KEYS: tuple[str, ...] = (
+    "paths.cache_dir", "logger", "tags", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+    "optimized_metric", "objective_constraint", "target.build_in_subprocess", "target.gradient_checkpointing",
+)
+# Folders whose relative paths resolve against the directory `unierase` was started from.
+DATA_DIR_KEYS: tuple[str, ...] = ("paths.data_dir", "benchmark.data_dir", "method.edit.mom2_corpus")
+DIFFERS_SHOWN = 3  # settings named in a label; the CSV's config_diff has them all
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # CSV header
+    header: str  # Markdown header
+    metric: str  # metrics.json key
+    fallback: str | None = None  # used (and flagged partial) when `metric` is null
+    decimals: int = 3
+
+
+ID_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("method", "Method"), ("benchmark", "Benchmark"), ("split", "Split"),
+    ("setting", "Setting"), ("model", "Model"), ("seed", "Seed"),
+)
+FAMILY: tuple[str, ...] = ("method", "benchmark", "split", "setting", "model")  # the ID columns but the seed
+METRIC_COLUMNS: tuple[Column, ...] = (
+    Column("forget_efficacy", "Forget Efficacy", "cl.forget_efficacy", "cl.forget_efficacy_partial"),
+    Column("model_utility", "Model Utility", "cl.model_utility", "cl.model_utility_partial"),
+    Column("forget_rouge", "Forget ROUGE", "cl.forget.rouge"),
+    Column("retain_rouge", "Retain ROUGE", "cl.retain.rouge"),
+    Column("forget_prob", "Forget Prob", "cl.forget.prob"),
+    Column("forget_truth_ratio", "Forget TR", "cl.forget.truth_ratio"),
+    Column("ou_forget_quality", "OU Forget Quality", "ou.forget_quality"),
+    Column("ou_model_utility", "OU Model Utility", "ou.model_utility"),
+    Column("mmlu", "MMLU", "ut.mmlu.acc"),
+    Column("triviaqa", "TriviaQA", "ut.triviaqa.acc"),
+    Column("gsm8k", "GSM8K", "ut.gsm8k.acc"),
+    Column("humaneval", "HumanEval", "ut.humaneval.acc"),
+    Column("edited_fraction", "Edited Fraction", "unierase.edited_fraction"),
+    Column("wall_time_s", "Wall Time (s)", "time.total_s", decimals=0),
+)
+FE, MU = METRIC_COLUMNS[0].key, METRIC_COLUMNS[1].key
+
+
+@dataclass
+class Run:
+    path: Path
+    ids: dict[str, Any]  # the ID_COLUMNS values (None where the config lacks them)
+    values: dict[str, float | None]  # METRIC_COLUMNS values by key
+    partial: set[str] = field(default_factory=set)  # keys whose value came from the fallback
+    rounds: list[dict[str, Any]] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted path -> value, without `seed` and IGNORED_KEYS
+    config: str = ""  # short hash of the configuration: `settings` less those that follow the seed (group_runs)
+    # What tells `config` from its family's other configurations: "path=value", or "path=path=value" for
+    # settings that always agree there.
+    differs: dict[str, Any] = field(default_factory=dict)
+
+    def family(self) -> tuple[Any, ...]:
+        return tuple(self.ids[k] for k in FAMILY)
+
+    def sort_key(self) -> tuple:
+        return tuple(_none_last(v) for v in (self.ids["benchmark"], self.ids["setting"], self.ids["method"],
+                                             self.ids["split"], self.ids["model"], _differs_text(self.differs),
+                                             self.config, self.ids["seed"], str(self.path)))
+
+
+def _none_last(value: Any) -> tuple[bool, Any]:
+    # None sorts last without comparing None to str/int.
+    return value is None, value if value is not None else ""
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, or None (null, NaN, strings and booleans count as missing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted path -> value; lists and empty dicts are values."""
+    if isinstance(node, dict) and node:
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat |= _flatten(value, f"{prefix}{key}.")
+        return flat
+    return {prefix.removesuffix("."): node}
+
+
+def _value_text(value: Any) -> str:
+    """Comparable text of a setting: tells 1 from "1" and works for lists."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _differs_text(differs: dict[str, Any], width: int = 32) -> str:
+    """`path=value` for the first DIFFERS_SHOWN settings; long values keep their end (a folder's last parts)."""
+    shown = []
+    for path, value in list(differs.items())[:DIFFERS_SHOWN]:
+        text = value if isinstance(value, str) else _value_text(value)
+        shown.append(f"{path}={text if len(text) <= width else '…' + text[1 - width:]}")
+    more = len(differs) - DIFFERS_SHOWN
+    return ", ".join(shown) + (f", +{more} more" if more > 0 else "")
+
+
+def find_run_dirs(paths: list[Path]) -> list[Path]:
+    found: set[Path] = set()
+    for root in paths:
+        if not root.is_dir():
+            raise SystemExit(f"unierase-table: {root} is not a directory")
+        for metrics in root.rglob("metrics.json"):  # includes root/metrics.json
+            run_dir = metrics.parent
+            # Hidden directories are atomic-write temporaries (unierase.io.atomic_dir): never finished runs.
+            hidden = any(part.startswith(".") for part in run_dir.relative_to(root).parts)
+            if not hidden and metrics.is_file() and (run_dir / "config_resolved.yaml").is_file():
+                found.add(run_dir.resolve())
+    return sorted(found)
+
+
+def _launch_dir(run_dir: Path) -> Path | None:
+    """The directory `unierase` was started from, as Hydra recorded it (None without `.hydra/hydra.yaml`)."""
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return None
+    cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
+    return Path(cwd) if cwd else None
+
+
+def _settings(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The flattened config without the seed and IGNORED_KEYS; data folders absolute where the launch
+    directory is known, so `../shared/data` started from two checkouts names two folders."""
+    settings = {path: value for path, value in _flatten(cfg).items()
+                if path != "seed" and not any(path == k or path.startswith(k + ".") for k in IGNORED_KEYS)}
+    launch = _launch_dir(run_dir)
+    for key in DATA_DIR_KEYS:
+        value = settings.get(key)
+        if launch is not None and isinstance(value, str) and not Path(value).is_absolute():
+            settings[key] = os.path.normpath(launch / value)
+    return settings
+
+
+def load_run(run_dir: Path) -> Run:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    ids = {
+        "method": OmegaConf.select(cfg, "method.name"),
+        "benchmark": OmegaConf.select(cfg, "benchmark.name"),
+        "split": OmegaConf.select(cfg, "benchmark.split"),
+        "setting": OmegaConf.select(cfg, "setting.name"),
+        "model": OmegaConf.select(cfg, "model.name"),
+        "seed": OmegaConf.select(cfg, "seed"),
+    }
+    values: dict[str, float | None] = {}
+    partial: set[str] = set()
+    for col in METRIC_COLUMNS:
+        value = _number(metrics.get(col.metric))
+        if value is None and col.fallback:
+            value = _number(metrics.get(col.fallback))
+            if value is not None:
+                partial.add(col.key)
+        values[col.key] = value
+    rounds_file = run_dir / "rounds.json"
+    rounds = json.loads(rounds_file.read_text()) if rounds_file.is_file() else None
+    return Run(run_dir, ids, values, partial, rounds, _settings(OmegaConf.to_container(cfg), run_dir))

@@ -1,0 +1,81 @@
+"""The report's table: every run as one row, rendered as padded Markdown and as CSV."""
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from unierase.report.grouping import same_seed_runs
+from unierase.report.runs import FE, ID_COLUMNS, METRIC_COLUMNS, MU, Run, _differs_text, _value_text
+
+MISSING_MD = "–"
+PARTIAL_NOTE = ("\\* partial aggregate (`*_partial`): computed over the available components only, "
+                "because at least one component metric was null.")
+CONFIG_NOTE = ("Config: hash of the resolved configuration without the seed (runs that share it differ only in "
+               "the seed), then what tells it from the other configurations of the same method, benchmark, split, "
+               "setting and model.")
+SAME_SEED_MARK = "†"
+
+
+def _fmt(value: float | None, decimals: int, missing: str) -> str:
+    return missing if value is None else f"{value:.{decimals}f}"
+
+
+def _id_text(value: Any, missing: str) -> str:
+    return missing if value is None else str(value)
+
+
+def _config_text(run: Run) -> str:
+    return f"{run.config}: {_differs_text(run.differs)}" if run.differs else run.config
+
+
+def render_markdown(runs: list[Run]) -> str:
+    id_columns = [(k, h) for k, h in ID_COLUMNS if k != "seed"]
+    headers = [h for _, h in id_columns] + ["Config", "Seed"] + [c.header for c in METRIC_COLUMNS]
+    numeric = [False] * (len(id_columns) + 1) + [True] * (1 + len(METRIC_COLUMNS))
+    same_seed = same_seed_runs(runs)
+    marked = {id(run) for members in same_seed for run in members}
+    rows = []
+    for run in runs:
+        cells = [_id_text(run.ids[k], MISSING_MD) for k, _ in id_columns]
+        cells.append(_config_text(run).replace("|", "\\|"))
+        cells.append(_id_text(run.ids["seed"], MISSING_MD) + (SAME_SEED_MARK if id(run) in marked else ""))
+        for col in METRIC_COLUMNS:
+            text = _fmt(run.values[col.key], col.decimals, MISSING_MD)
+            cells.append(text + "\\*" if col.key in run.partial else text)
+        rows.append(cells)
+    # Padded columns so the printed table is readable as plain text as well as rendered.
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        padded = (c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric))
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+                          for w, num in zip(widths, numeric)) + "|"
+    lines = [line(headers), rule, *(line(r) for r in rows), "", CONFIG_NOTE]
+    if any(run.partial for run in runs):
+        lines += ["", PARTIAL_NOTE]
+    if same_seed:
+        groups = "; ".join(", ".join(f"`{run.path}`" for run in members) for members in same_seed)
+        lines += ["", f"{SAME_SEED_MARK} same configuration and same seed: listed apart and never averaged, "
+                      f"in the plots neither: {groups}."]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(runs: list[Run]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    marked = {id(run) for members in same_seed_runs(runs) for run in members}
+    # The partial flags keep in the CSV what the Markdown shows with `*`; config_diff names every setting.
+    writer.writerow([k for k, _ in ID_COLUMNS] + [c.key for c in METRIC_COLUMNS]
+                    + [f"{FE}_is_partial", f"{MU}_is_partial", "config", "config_diff", "same_config_and_seed",
+                       "run_dir"])
+    for run in runs:
+        diff = "; ".join(f"{path}={value if isinstance(value, str) else _value_text(value)}"
+                         for path, value in run.differs.items())
+        writer.writerow([_id_text(run.ids[k], "") for k, _ in ID_COLUMNS]
+                        + [_fmt(run.values[c.key], c.decimals, "") for c in METRIC_COLUMNS]
+                        + [str(FE in run.partial).lower(), str(MU in run.partial).lower(), run.config, diff,
+                           str(id(run) in marked).lower(), str(run.path)])
+    return buffer.getvalue()
