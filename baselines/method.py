@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from baselines.data import PairedUnlearningDataset, collate_paired
+from baselines.losses import FORGET_TERMS, REGULARISERS
 from baselines.module import UnlearningModule, needs_reference, required_parts
+from unierase.config import check
 from unierase.context import RunContext
 from unierase.io import atomic_write_json
 from unierase.method import Unlearner
@@ -35,6 +37,10 @@ class RecipeConfig:
     max_length: int = 128
     seed: int = 1001
 
+    def __post_init__(self) -> None:
+        check(self, at_least={"epochs": 1, "batch_size": 1, "grad_accum": 1, "max_length": 2, "weight_decay": 0},
+              positive=("lr",), seeds=("seed",))
+
 
 @dataclass
 class BaselineConfig:
@@ -50,6 +56,12 @@ class BaselineConfig:
     fix_ref_model: bool = False  # True: the reference stays the original target in every round
     kind: str = "finetune"
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+    def __post_init__(self) -> None:
+        check(self, choices={"forget_loss": FORGET_TERMS, "regulariser": REGULARISERS,
+                             "idk_assignment": ("reference", "stable_hash"), "kind": ("finetune",)},
+              at_least={"forget_coeff": 0, "regularization_coeff": 0}, positive=("beta", "simnpo_beta"),
+              finite=("simnpo_delta",))
 
 
 def schedule(n_forget: int, cfg: RecipeConfig, devices: int) -> tuple[int, int]:

@@ -14,4 +14,4 @@ BENCHMARKS = {"tofu": (TofuConfig, load_tofu), "real_world": (RealWorldConfig, l
 def load_benchmark(node: DictConfig) -> Benchmark:
     """The `benchmark` config node, checked against its benchmark's schema, loaded."""
     schema, loader = choose(BENCHMARKS, node.name, "benchmark")
-    return loader(typed(node, schema))
+    return loader(typed(node, schema, "benchmark"))

@@ -9,11 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from benchmarks.tofu import refusal_pool
+from benchmarks.tofu import REFUSAL_POOLS, refusal_pool
+from unierase.config import check
 from unierase.io import DataError, read_jsonl
 from unierase.records import QA, Benchmark
 
 PERSON_ROWS = 20
+PEOPLE = 20  # forget people, and as many neighbours
+BASE_TYPES = {"name": str, "question": str, "answer": str, "golden_answer": str}
+PERTURBED_TYPES = BASE_TYPES | {"paraphrased_answer": str, "perturbed_answer": list[str], "paraphrased_question": str}
+SUBJECT_TYPES = BASE_TYPES | {"subject": str}
 
 
 @dataclass
@@ -25,9 +30,28 @@ class RealWorldConfig:
     regenerate_answers: bool = True  # score against the target model's own greedy answers
     answer_max_new_tokens: int = 64  # budget of those regenerated answers
 
+    def __post_init__(self) -> None:
+        check(self, between={"people": (1, PEOPLE)}, at_least={"answer_max_new_tokens": 1},
+              choices={"refusal_pool": REFUSAL_POOLS})
 
-def _rows(path: Path, people: int | None, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    rows = read_jsonl(path, required=required)
+
+def _rows(path: Path, people: int | None, required: tuple[str, ...], types: dict) -> list[tuple[int, dict]]:
+    """The file's rows, checked: types, no repeated QA pair, and 20 people x 20 rows, each person one block
+    of consecutive rows under one `name` (one missing or extra row would shift every later person)."""
+    rows = read_jsonl(path, required=required, types=types, unique=("question", "answer"))
+    if len(rows) != PEOPLE * PERSON_ROWS:
+        raise DataError(f"{path}: {len(rows)} rows, expected {PEOPLE * PERSON_ROWS} ({PEOPLE} people x "
+                        f"{PERSON_ROWS} QA): a row is missing or extra")
+    names: dict[str, int] = {}
+    for start in range(0, len(rows), PERSON_ROWS):
+        name = rows[start]["name"]
+        for i in range(start, start + PERSON_ROWS):
+            if rows[i]["name"] != name:
+                raise DataError(f"{path}:{i + 1}: name '{rows[i]['name']}' inside the block of '{name}' (lines "
+                                f"{start + 1}-{start + PERSON_ROWS}): each person has {PERSON_ROWS} consecutive rows")
+        if name in names:
+            raise DataError(f"{path}:{start + 1}: '{name}' already has the block at line {names[name]}")
+        names[name] = start + 1
     if people is not None:
         rows = rows[: people * PERSON_ROWS]
     return list(enumerate(rows))
@@ -41,7 +65,8 @@ def load_real_world(cfg: RealWorldConfig) -> Benchmark:
     fields = ("name", "question", "answer", "golden_answer", "paraphrased_answer", "perturbed_answer")
     subjects = {
         (row["question"], row["answer"]): row["subject"]
-        for _, row in _rows(folder / "forget_subject.jsonl", None, ("question", "answer", "subject"))
+        for _, row in _rows(folder / "forget_subject.jsonl", None, ("name", "question", "answer", "subject"),
+                            SUBJECT_TYPES)
     }
 
     def qa(row: dict, uid: str, subject: str | None = None) -> QA:
@@ -55,14 +80,15 @@ def load_real_world(cfg: RealWorldConfig) -> Benchmark:
 
     forget = [
         qa(row, f"real_world/forget/{i}", subjects.get((row["question"], row["answer"])))
-        for i, row in _rows(folder / "forget_perturbed.jsonl", cfg.people, fields)
+        for i, row in _rows(folder / "forget_perturbed.jsonl", cfg.people, fields, PERTURBED_TYPES)
     ]
     neighbour = [qa(row, f"real_world/neighbour/{i}") for i, row in
-                 _rows(folder / "neighbor_perturbed.jsonl", cfg.people, fields)]
+                 _rows(folder / "neighbor_perturbed.jsonl", cfg.people, fields, PERTURBED_TYPES)]
     retain_train = [
         QA(uid=f"real_world/neighbor_train/{i}", question=row["question"], answer=row["golden_answer"],
            group=row["name"], train_answer=row["answer"])
-        for i, row in _rows(folder / "neighbor.jsonl", cfg.people, ("name", "question", "answer", "golden_answer"))
+        for i, row in _rows(folder / "neighbor.jsonl", cfg.people, ("name", "question", "answer", "golden_answer"),
+                            BASE_TYPES)
     ]
     rounds = [[q for q in forget if q.group == name] for name in dict.fromkeys(q.group for q in forget)]
     return Benchmark(

@@ -10,12 +10,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.hub import download_tofu
+from unierase.config import ConfigError, check
 from unierase.io import DataError, read_jsonl, read_lines
 from unierase.records import QA, Benchmark
 
 SPLIT_SIZES = {"forget01": 40, "forget05": 200, "forget10": 400}
 AUTHOR_ROWS = 20
+RETAIN_AUTHORS = 180  # retain90.jsonl: authors 0..179
+RETAIN_EVAL_AUTHORS = 20  # retain_perturbed.jsonl: authors 0..19
+REFUSAL_LINES = 100  # idontknow.txt
+REFUSAL_POOLS = ("idontknow_100", "reference_99")
+# preset -> (the continual file whose tasks are the rounds, number of rounds)
+SEQUENTIAL_PRESETS = {"tofu_seq_10x40": ("forget01", 10), "tofu_seq_9x400": ("forget10", 9)}
 PERTURBED_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+# Every field a loader reads, with its JSON type (unierase.io.read_jsonl); a field absent from `required` is optional.
+QA_TYPES = {"question": str, "answer": str}
+FORGET_TYPES = QA_TYPES | {"task_id": (str, int), "paraphrased_answer": str, "perturbed_answer": list[str],
+                           "paraphrased_question": str}
+PLAIN_TYPES = QA_TYPES | {"perturbed_answer": list[str], "original_answer": str}
+SUBJECT_TYPES = QA_TYPES | {"subject": str}
+SAME_QA = ("question", "answer")
 
 
 @dataclass
@@ -30,23 +44,32 @@ class TofuConfig:
     refusal_pool: str = "idontknow_100"  # or reference_99
     sequential_preset: str = "tofu_seq_10x40"
 
+    def __post_init__(self) -> None:
+        check(self, choices={"source": ("local", "hub"), "split": SPLIT_SIZES, "known_forget": SPLIT_SIZES,
+                             "subject_table": ("forget10_subject", "forget01_subject"),
+                             "refusal_pool": REFUSAL_POOLS, "sequential_preset": SEQUENTIAL_PRESETS},
+              between={"retain_authors": (1, RETAIN_AUTHORS)})
+        if SPLIT_SIZES[self.known_forget] < SPLIT_SIZES[self.split]:
+            raise ConfigError("known_forget", f"must contain the split (split={self.split}, "
+                              f"known_forget={self.known_forget}; forget01 < forget05 < forget10)")
 
-def _check_split(name: str, value: str) -> None:
-    if value not in SPLIT_SIZES:
-        raise ValueError(f"benchmark.{name}='{value}' is not one of {sorted(SPLIT_SIZES)}")
 
-
-def refusal_pool(data_dir: Path, variant: str) -> list[str]:
-    lines = read_lines(data_dir / "tofu" / "idontknow.txt")
+def refusal_pool(data_dir: Path, variant: str, expected: int | None = REFUSAL_LINES) -> list[str]:
+    """The refusal lines; `expected`: how many the file must hold (None: any number, the hub's short list)."""
+    path = data_dir / "tofu" / "idontknow.txt"
+    lines = read_lines(path)
+    if expected is not None and len(lines) != expected:
+        raise DataError(f"{path}: {len(lines)} non-blank lines, expected {expected} refusals")
     if variant == "idontknow_100":
         return lines
     if variant == "reference_99":
         return [line.replace("'", "\u2019") for i, line in enumerate(lines) if i != 50]
-    raise ValueError(f"unknown refusal pool '{variant}' (idontknow_100 | reference_99)")
+    raise ValueError(f"unknown refusal pool '{variant}' ({' | '.join(REFUSAL_POOLS)})")
 
 
 def _subjects(tofu_dir: Path, table: str) -> dict[tuple[str, str], str]:
-    rows = read_jsonl(tofu_dir / f"{table}.jsonl", required=("question", "answer", "subject"))
+    rows = read_jsonl(tofu_dir / f"{table}.jsonl", required=("question", "answer", "subject"), types=SUBJECT_TYPES,
+                      unique=SAME_QA)
     return {(row["question"], row["answer"]): row["subject"] for row in rows}
 
 
@@ -60,15 +83,43 @@ def _qa(row: dict, uid: str, group: str, subject: str | None = None) -> QA:
     )
 
 
-def _task_rows(path: Path, task: str) -> list[tuple[int, dict]]:
-    rows = read_jsonl(path, required=("task_id",) + PERTURBED_FIELDS)
-    return [(i, row) for i, row in enumerate(rows) if str(row["task_id"]) == task]
+def _check_blocks(path: Path, rows: int, what: str, expected: int | None = None) -> None:
+    """A file (or one task of it) must hold whole 20-QA author blocks: one missing, extra or duplicated row
+    would shift every later author's block."""
+    if expected is not None and rows != expected:
+        raise DataError(f"{path}: {what} has {rows} rows, expected {expected} ({expected // AUTHOR_ROWS} authors "
+                        f"x {AUTHOR_ROWS} QA): a row is missing or extra")
+    if rows == 0 or rows % AUTHOR_ROWS:
+        raise DataError(f"{path}: {what} has {rows} rows, not whole authors of {AUTHOR_ROWS} QA each: "
+                        "a row is missing or extra")
 
 
-def forget_rows(tofu_dir: Path, split: str, subjects: dict, task: str = "1") -> list[QA]:
-    """Rows of one continual task of `split` (task "1" = the standard split)."""
-    selected = _task_rows(tofu_dir / f"{split}_perturbed.jsonl", task)
-    first = selected[0][0] if selected else 0
+def continual_tasks(tofu_dir: Path, split: str) -> dict[str, list[tuple[int, dict]]]:
+    """The rows of `{split}_perturbed.jsonl` by task id, each (file row index, row), checked: every task is one
+    run of consecutive rows with exactly the split's size (whole 20-QA authors), and no QA pair repeats."""
+    path = tofu_dir / f"{split}_perturbed.jsonl"
+    rows = read_jsonl(path, required=("task_id",) + PERTURBED_FIELDS, types=FORGET_TYPES, unique=SAME_QA)
+    tasks: dict[str, list[tuple[int, dict]]] = {}
+    for i, row in enumerate(rows):
+        task = str(row["task_id"])
+        if task in tasks and tasks[task][-1][0] != i - 1:
+            raise DataError(f"{path}:{i + 1}: task_id '{task}' resumes after other tasks (a task's rows must be "
+                            "consecutive)")
+        tasks.setdefault(task, []).append((i, row))
+    for task, selected in tasks.items():
+        _check_blocks(path, len(selected), f"task_id '{task}'", SPLIT_SIZES[split])
+    return tasks
+
+
+def forget_rows(tofu_dir: Path, split: str, subjects: dict, task: str = "1",
+                tasks: dict[str, list[tuple[int, dict]]] | None = None) -> list[QA]:
+    """Rows of one continual task of `split` (task "1" = the standard split); `tasks`: the file already read."""
+    tasks = continual_tasks(tofu_dir, split) if tasks is None else tasks
+    if task not in tasks:
+        raise DataError(f"{tofu_dir / f'{split}_perturbed.jsonl'}: no rows with task_id '{task}' "
+                        f"(task ids: {', '.join(tasks) or 'none'})")
+    selected = tasks[task]
+    first = selected[0][0]
     return [
         _qa(row, f"tofu/{split}/{i}", f"{split}/task{task}/author{(i - first) // AUTHOR_ROWS}",
             subjects.get((row["question"], row["answer"])))
@@ -76,58 +127,57 @@ def forget_rows(tofu_dir: Path, split: str, subjects: dict, task: str = "1") -> 
     ]
 
 
-def _retain_rows(tofu_dir: Path, file: str, authors: int | None) -> list[QA]:
-    rows = read_jsonl(tofu_dir / file, required=("question", "answer"))
+def _retain_rows(tofu_dir: Path, file: str, authors: int | None, expected_authors: int,
+                 types: dict = QA_TYPES, required: tuple[str, ...] = SAME_QA) -> list[QA]:
+    path = tofu_dir / file
+    rows = read_jsonl(path, required=required, types=types, unique=SAME_QA)
+    _check_blocks(path, len(rows), "the file", expected_authors * AUTHOR_ROWS)
     if authors is not None:
         rows = rows[: authors * AUTHOR_ROWS]
     return [_qa(row, f"tofu/{file}/{i}", f"retain/author{i // AUTHOR_ROWS}") for i, row in enumerate(rows)]
 
 
 def _plain_rows(tofu_dir: Path, file: str, split: str) -> list[QA]:
-    rows = read_jsonl(tofu_dir / file, required=("question", "answer", "perturbed_answer"))
+    rows = read_jsonl(tofu_dir / file, required=("question", "answer", "perturbed_answer"), types=PLAIN_TYPES,
+                      unique=SAME_QA)
     return [_qa(row, f"tofu/{split}/{i}", f"{split}/{i}") for i, row in enumerate(rows)]
 
 
 def load_tofu(cfg: TofuConfig) -> Benchmark:
-    _check_split("split", cfg.split)
-    _check_split("known_forget", cfg.known_forget)
-    if SPLIT_SIZES[cfg.known_forget] < SPLIT_SIZES[cfg.split]:
-        raise ValueError(f"benchmark.known_forget={cfg.known_forget} must contain split={cfg.split}")
+    """Every file the job reads, read and checked (types, duplicates, split sizes, author blocks)."""
     if cfg.source == "hub":
         data_dir = download_tofu()
-    elif cfg.source == "local":
-        data_dir = Path(cfg.data_dir)
     else:
-        raise ValueError(f"unknown benchmark.source '{cfg.source}' (local | hub)")
+        data_dir = Path(cfg.data_dir)
     tofu_dir = data_dir / "tofu"
     if not tofu_dir.is_dir():
         raise DataError(f"TOFU folder not found: {tofu_dir} (set UNIERASE_DATA or paths.data_dir)")
     subjects = _subjects(tofu_dir, cfg.subject_table) if (tofu_dir / f"{cfg.subject_table}.jsonl").exists() else {}
-    forget = forget_rows(tofu_dir, cfg.split, subjects)
-    known = forget_rows(tofu_dir, cfg.known_forget, subjects)
+    files = {split: continual_tasks(tofu_dir, split) for split in {cfg.split, cfg.known_forget}}
+    forget = forget_rows(tofu_dir, cfg.split, subjects, tasks=files[cfg.split])
+    known = forget_rows(tofu_dir, cfg.known_forget, subjects, tasks=files[cfg.known_forget])
     retain_file = "retain90.jsonl"
-    retain_known = _retain_rows(tofu_dir, retain_file, cfg.retain_authors)
+    retain_known = _retain_rows(tofu_dir, retain_file, cfg.retain_authors, RETAIN_AUTHORS)
     forget_keys = {(qa.question, qa.answer) for qa in forget}
     target_train = known + retain_known
-    retain_eval_authors = None if cfg.retain_authors is None else min(cfg.retain_authors, 20)
-    rounds = []
-    if cfg.sequential_preset == "tofu_seq_10x40":
-        rounds = [forget_rows(tofu_dir, "forget01", subjects, str(t)) for t in range(1, 11)]
-    elif cfg.sequential_preset == "tofu_seq_9x400":
-        rounds = [forget_rows(tofu_dir, "forget10", subjects, str(t)) for t in range(1, 10)]
-    else:
-        raise ValueError(f"unknown sequential preset '{cfg.sequential_preset}'")
+    retain_eval_authors = None if cfg.retain_authors is None else min(cfg.retain_authors, RETAIN_EVAL_AUTHORS)
+    round_split, n_rounds = SEQUENTIAL_PRESETS[cfg.sequential_preset]
+    round_tasks = files.get(round_split) or continual_tasks(tofu_dir, round_split)
+    rounds = []  # hub data has task "1" only: no sequential rounds (a sequential job is refused up front)
+    if set(round_tasks) != {"1"}:
+        rounds = [forget_rows(tofu_dir, round_split, subjects, str(t), round_tasks) for t in range(1, n_rounds + 1)]
     return Benchmark(
         name="tofu",
         forget=forget,
         retain_train=[qa for qa in target_train if (qa.question, qa.answer) not in forget_keys],
         eval_splits={
-            "retain": _retain_rows(tofu_dir, "retain_perturbed.jsonl", retain_eval_authors),
+            "retain": _retain_rows(tofu_dir, "retain_perturbed.jsonl", retain_eval_authors, RETAIN_EVAL_AUTHORS,
+                                   FORGET_TYPES, PERTURBED_FIELDS),
             "real_authors": _plain_rows(tofu_dir, "real_authors_perturbed.jsonl", "real_authors"),
             "world_facts": _plain_rows(tofu_dir, "world_facts_perturbed.jsonl", "world_facts"),
         },
         target_train=target_train,
         rounds=rounds,
-        refusals=refusal_pool(data_dir, cfg.refusal_pool),
-        generic_questions=[qa.question for qa in _retain_rows(tofu_dir, "retain90.jsonl", None)[-400:]],
+        refusals=refusal_pool(data_dir, cfg.refusal_pool, REFUSAL_LINES if cfg.source == "local" else None),
+        generic_questions=[qa.question for qa in _retain_rows(tofu_dir, retain_file, None, RETAIN_AUTHORS)[-400:]],
     )

@@ -7,13 +7,15 @@ keeps the seeded subsample, before any model runs.
 from __future__ import annotations
 
 import csv
+import io
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from unierase.evaluation.config import UTILITY_BENCHMARKS
 from unierase.evaluation.metrics import gsm8k_gold
-from unierase.io import DataError, read_jsonl
+from unierase.io import DataError, read_jsonl, read_text
 from unierase.records import UtilityItem
 
 # The instruction wording is the project's; the required answer phrases are what scoring looks for
@@ -41,7 +43,7 @@ def load_mmlu(utility_dir: Path) -> list[UtilityItem]:
     items = []
     for path in files:
         subject = path.name.removesuffix("_test.csv")
-        with open(path, newline="", encoding="utf-8") as handle:
+        with io.StringIO(read_text(path), newline="") as handle:  # read_text: a non-UTF-8 byte names its line
             reader = csv.reader(handle)
             line = 1  # first physical line of the next record (fields may span lines)
             try:
@@ -63,9 +65,9 @@ def load_mmlu(utility_dir: Path) -> list[UtilityItem]:
 def load_triviaqa(utility_dir: Path) -> list[UtilityItem]:
     path = Path(utility_dir) / "triviaqa.jsonl"
     items = []
-    for line, row in enumerate(read_jsonl(path, required=("question", "answer", "aliases")), start=1):
-        if not isinstance(row["aliases"], list) or not row["aliases"]:
-            raise DataError(f"{path}:{line}: 'aliases' must be a non-empty list")
+    rows = read_jsonl(path, required=("question", "answer", "aliases"),
+                      types={"question": str, "answer": str, "aliases": list[str]})
+    for line, row in enumerate(rows, start=1):
         items.append(UtilityItem(f"triviaqa/{line - 1}", TRIVIAQA_PROMPT.format(question=row["question"]),
                                  {"answer": row["answer"], "aliases": row["aliases"]}))
     return items
@@ -74,11 +76,14 @@ def load_triviaqa(utility_dir: Path) -> list[UtilityItem]:
 def load_gsm8k(utility_dir: Path) -> list[UtilityItem]:
     path = Path(utility_dir) / "gsm8k.jsonl"
     items = []
-    for line, row in enumerate(read_jsonl(path, required=("question", "answer")), start=1):
+    for line, row in enumerate(read_jsonl(path, required=("question", "answer"),
+                                          types={"question": str, "answer": str}), start=1):
         try:
-            gsm8k_gold(row["answer"])
+            valid = "#### " in row["answer"] and gsm8k_gold(row["answer"]) is not None  # the parser alone takes "42"
         except ValueError:
-            raise DataError(f"{path}:{line}: 'answer' does not end in '#### <number>'") from None
+            valid = False
+        if not valid:
+            raise DataError(f"{path}:{line}: 'answer' does not end in '#### <number>'")
         items.append(UtilityItem(f"gsm8k/{line - 1}", GSM8K_PROMPT.format(question=row["question"]),
                                  {"answer": row["answer"]}))
     return items
@@ -86,7 +91,8 @@ def load_gsm8k(utility_dir: Path) -> list[UtilityItem]:
 
 def load_humaneval(utility_dir: Path) -> list[UtilityItem]:
     path = Path(utility_dir) / "human_eval.jsonl"
-    rows = read_jsonl(path, required=("task_id", "prompt", "test", "entry_point"))
+    rows = read_jsonl(path, required=("task_id", "prompt", "test", "entry_point"),
+                      types={"task_id": str, "prompt": str, "test": str, "entry_point": str}, unique=("task_id",))
     return [UtilityItem(row["task_id"], HUMANEVAL_PROMPT.format(prompt=row["prompt"]),
                         {"prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"]})
             for row in rows]
@@ -95,6 +101,7 @@ def load_humaneval(utility_dir: Path) -> list[UtilityItem]:
 LOADERS: dict[str, Callable[[Path], list[UtilityItem]]] = {
     "mmlu": load_mmlu, "triviaqa": load_triviaqa, "gsm8k": load_gsm8k, "humaneval": load_humaneval,
 }
+assert tuple(LOADERS) == UTILITY_BENCHMARKS  # the names eval.utility.benchmarks accepts
 
 
 def subsample(items: Sequence[T], fraction: float, seed: int) -> list[T]:

@@ -67,13 +67,25 @@ def _failing_child(node: DictConfig) -> str:
     return ""
 
 
+def _missing(values: Any, key: str = "") -> str:
+    """The first key (from the top of `values`) whose value is Hydra's mandatory-value marker `???`."""
+    if values == "???":
+        return key or "?"
+    items = values.items() if isinstance(values, dict) else enumerate(values) if isinstance(values, list) else ()
+    for child, value in items:
+        found = _missing(value, _join(key, f"[{child}]" if isinstance(child, int) else str(child)))
+        if found:
+            return found
+    return ""
+
+
 def typed(node: DictConfig | Mapping[str, Any], schema: type[T], path: str = "") -> T:
     """Validate a config node against a dataclass: unknown keys, wrong types, missing (`???`) values and the
     dataclass's own range checks fail here, early, as one ConfigError that names the field under `path`."""
     if isinstance(node, DictConfig):
-        missing = sorted(OmegaConf.missing_keys(node))
+        missing = _missing(OmegaConf.to_container(node, resolve=False))
         if missing:
-            raise ConfigError(_join(path, missing[0]), "is required: set it on the command line (it is ??? here)")
+            raise ConfigError(_join(path, missing), "is required: set it on the command line (it is ??? here)")
         try:
             values = OmegaConf.to_container(node, resolve=True)
         except OmegaConfBaseException as err:  # an interpolation: its full key is already absolute
@@ -82,12 +94,15 @@ def typed(node: DictConfig | Mapping[str, Any], schema: type[T], path: str = "")
         values = node
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_join(path, err.full_key), _problem(err)) from None
+    try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_join(path, err.full_key), _problem(err)) from None
     except ConfigError as err:
         raise err.under(_join(path, _failing_child(merged))) from None
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # a check that raised something else: still name the node
         raise ConfigError(_join(path, _failing_child(merged)) or schema.__name__, f"is invalid: {err}") from None
 
 
@@ -115,12 +130,13 @@ def check(
     between: Mapping[str, tuple[float, float]] | None = None,
     choices: Mapping[str, Iterable[Any]] | None = None,
     seeds: Iterable[str] = (),
+    finite: Iterable[str] = (),
 ) -> None:
     """Raise a ConfigError naming the first field of `cfg` out of its range. None values pass (the schema
     says which fields may be null); a list field is checked element by element; numbers must be finite.
 
     at_least: field -> minimum (inclusive); positive: fields > 0; between: field -> (low, high), inclusive;
-    choices: field -> allowed values; seeds: integer seeds in [0, 2**32 - 1].
+    choices: field -> allowed values; seeds: integer seeds in [0, 2**32 - 1]; finite: any finite number.
     """
     for name, low in (at_least or {}).items():
         for field, value in _values(cfg, name):
@@ -139,6 +155,10 @@ def check(
         for field, value in _values(cfg, name):
             if value not in allowed:
                 raise ConfigError(field, f"must be one of {' | '.join(map(str, allowed))}, got {value!r}")
+    for name in finite:
+        for field, value in _values(cfg, name):
+            if not _is_number(value):
+                raise ConfigError(field, f"must be a finite number, got {value!r}")
     for name in seeds:
         for field, value in _values(cfg, name):
             if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX):

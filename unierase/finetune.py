@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from unierase.config import check
 from unierase.models import IGNORE_INDEX, ModelConfig, decoder_body, encode_qa
 from unierase.records import QA
 from unierase.training import TrainerConfig, fit, loader, make_trainer
@@ -26,6 +27,10 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     max_length: int = 160
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self, at_least={"epochs": 1, "batch_size": 1, "max_length": 2, "weight_decay": 0}, positive=("lr",),
+              seeds=("seed",))
 
 
 def answer_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:

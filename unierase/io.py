@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +124,59 @@ class DataError(ValueError):
     """A data file is missing or malformed; the message names the file and line."""
 
 
-def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"data file not found: {path} (set UNIERASE_DATA or paths.data_dir)")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+
+
+def _decode(path: Path, number: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{number}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 text file; a byte that is not UTF-8 is a DataError naming the file and line."""
+    _require_file(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        number = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{number}: not UTF-8 (byte {raw[err.start]:#04x})") from None
+
+
+# A field's expected JSON type: `str` (non-empty), `list[str]` (a non-empty list of strings), or a tuple of types.
+FieldType = Any
+
+
+def _type_error(value: Any, expected: FieldType) -> str | None:
+    """Why `value` is not of `expected` (None when it is)."""
+    if expected == list[str]:
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+            return f"must be a non-empty list of non-empty strings, got {value!r:.80}"
+        return None
+    if not isinstance(value, expected) or isinstance(value, bool):
+        names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        return f"must be a {names}, got {type(value).__name__} {value!r:.80}"
+    if isinstance(value, str) and not value.strip():
+        return "must be a non-empty string"
+    return None
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = (), types: Mapping[str, FieldType] | None = None,
+               unique: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Every line of a JSON Lines file, checked: each a JSON object in UTF-8 with the `required` fields, each
+    field of `types` of its type (required ones always; optional ones when present and not null), and no two
+    lines with the same `unique` fields. Any problem is a DataError naming file:line."""
+    _require_file(path)
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple, int] = {}
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                row = json.loads(line)
+                row = json.loads(_decode(path, number, raw))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: malformed JSON ({err.msg})") from None
             if not isinstance(row, dict):
@@ -139,11 +184,22 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any
             missing = [key for key in required if key not in row]
             if missing:
                 raise DataError(f"{path}:{number}: missing field(s) {missing}")
+            for key, expected in (types or {}).items():
+                if key in row and (key in required or row[key] is not None):
+                    problem = _type_error(row[key], expected)
+                    if problem:
+                        raise DataError(f"{path}:{number}: field '{key}' {problem}")
+            if unique:
+                key = tuple(row.get(field) for field in unique)
+                if not all(isinstance(value, (str, int, float, type(None))) for value in key):
+                    key = tuple(json.dumps(value, sort_keys=True) for value in key)
+                if key in seen:
+                    raise DataError(f"{path}:{number}: duplicate of line {seen[key]} (same {' and '.join(unique)})")
+                seen[key] = number
             rows.append(row)
     return rows
 
 
 def read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"data file not found: {path} (set UNIERASE_DATA or paths.data_dir)")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The non-blank lines of a UTF-8 text file, stripped."""
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]

@@ -19,10 +19,17 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from unierase.config import ConfigError, check
 from unierase.io import atomic_dir, file_digest, stable_hash
 
 log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "package_gguf", "tiny_random")
+DTYPES = ("bfloat16", "float16", "float32")
+TINY_SIZES = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings"}
 
 
 @dataclass
@@ -40,6 +47,21 @@ class ModelConfig:
     tiny: dict[str, Any] = field(default_factory=dict)  # LlamaConfig overrides for tiny_random
     layer_template: str = "model.layers.{}"
     down_proj_template: str = "model.layers.{}.mlp.down_proj"
+
+    def __post_init__(self) -> None:
+        check(self, choices={"source": SOURCES, "dtype": DTYPES})
+        if "/" not in self.attn_implementation:  # "org/repo": an attention kernel from the hub
+            check(self, choices={"attn_implementation": ("eager", *ALL_ATTENTION_FUNCTIONS.valid_keys())})
+        for name in ("layer_template", "down_proj_template"):
+            if getattr(self, name).count("{}") != 1:
+                raise ConfigError(name, f"must contain '{{}}' (the layer index) once, got {getattr(self, name)!r}")
+        unknown = sorted(set(self.tiny) - set(LlamaConfig().to_dict())) if self.tiny else []
+        if unknown:
+            raise ConfigError("tiny", f"has unknown LlamaConfig key(s) {unknown}")
+        for key in TINY_SIZES & set(self.tiny):
+            value = self.tiny[key]
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ConfigError(f"tiny.{key}", f"must be an integer >= 1, got {value!r}")
 
 
 def device() -> torch.device:

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from unierase.config import ConfigError, check
+
 log = logging.getLogger(__name__)
 
 
@@ -21,13 +23,14 @@ class ObjectiveConstraint:
     penalty: float = -1.0  # worse than any feasible objective (the sweeper's direction decides which way)
 
     def __post_init__(self) -> None:
+        check(self, finite=("min", "max", "penalty"))
         bounded = self.min is not None or self.max is not None
         if self.metric is None and bounded:
-            raise ValueError("objective_constraint sets min/max but no metric")
+            raise ConfigError("metric", "is null: the constraint sets min/max but no metric")
         if self.metric is not None and not bounded:
-            raise ValueError(f"objective_constraint.metric={self.metric} needs a min or a max")
+            raise ConfigError("metric", f"'{self.metric}' needs a min or a max")
         if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"objective_constraint: min={self.min} > max={self.max}")
+            raise ConfigError("min", f"must be <= max: min={self.min} > max={self.max}")
 
 
 def _value(metrics: Mapping[str, Any], name: str, role: str) -> float:

@@ -25,21 +25,22 @@ from benchmarks.real_world import with_answers
 from benchmarks.utility import load_utility
 from unierase.config import choose, typed
 from unierase.context import RunContext
+from unierase.evaluation.aggregate import read_forget_truth_ratios
 from unierase.evaluation.config import EvalConfig
-from unierase.evaluation.knowledge import evaluate_knowledge, read_forget_truth_ratios
+from unierase.evaluation.knowledge import evaluate_knowledge
 from unierase.evaluation.utility import evaluate_utility
 from unierase.io import atomic_write_json, stable_hash
 from unierase.loggers import finish, log_metrics, make_loggers
 from unierase.method import Unlearner
-from unierase.models import ModelConfig, base_identity, load_model
+from unierase.models import base_identity, load_model
 from unierase.objective import ObjectiveConstraint, objective_value
 from unierase.records import QA, Benchmark
 from unierase.references import regenerate_references
 from unierase.run_dir import peak_rss_gb, unique_dir, write_run_header
 from unierase.settings import SETTINGS, Evaluator, SettingConfig
-from unierase.target import TargetConfig, Targets
-from unierase.training import TrainerConfig
+from unierase.target import Targets
 from unierase.unierase import UniErase, UniEraseConfig
+from unierase.validate import InvalidJob, validate_job
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +161,17 @@ def results_key(cfg: DictConfig, benchmark: Benchmark | None) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    stage = choose(STAGES, cfg.stage, "stage")
+    checked = validate_job(cfg)  # every value and data file, before anything is written (InvalidJob)
+    stage = STAGES[checked.stage]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     write_run_header(run_dir, cfg)
-    model_cfg = typed(cfg.model, ModelConfig)
-    trainer_cfg = typed(cfg.trainer, TrainerConfig)
+    model_cfg, trainer_cfg = checked.model, checked.trainer
     ctx = RunContext(run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), model_cfg=model_cfg,
                      trainer_cfg=trainer_cfg, seed=int(cfg.seed), results_key=results_key(cfg, None),
                      loggers=make_loggers(cfg, run_dir))
-    targets = Targets(typed(cfg.target, TargetConfig), model_cfg, trainer_cfg, ctx.cache_dir,
-                      base_identity(model_cfg, ctx.seed), ctx.seed)
-    job = Job(cfg, ctx, targets, typed(cfg.eval, EvalConfig))
+    targets = Targets(checked.target, model_cfg, trainer_cfg, ctx.cache_dir, base_identity(model_cfg, ctx.seed),
+                      ctx.seed)
+    job = Job(cfg, ctx, targets, checked.eval)
     start = time.perf_counter()
     result = stage(job)
     # The job's peak: this process's, or this process and a child building a model together.
@@ -191,11 +192,13 @@ OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replac
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; with `optimized_metric` set, return the objective to the sweeper (conf/hparams_search)."""
-    constraint = typed(cfg.objective_constraint, ObjectiveConstraint)  # a bad constraint fails before the run
-    metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except InvalidJob as err:  # one line, exit status 1; the run directory holds only Hydra's own files
+        raise SystemExit(f"error: {err}") from None
     if cfg.optimized_metric is None:
         return None
-    return objective_value(metrics, cfg.optimized_metric, constraint)
+    return objective_value(metrics, cfg.optimized_metric, typed(cfg.objective_constraint, ObjectiveConstraint))
 
 
 if __name__ == "__main__":

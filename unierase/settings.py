@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from unierase.config import ConfigError, check
 from unierase.context import RunContext
 from unierase.io import atomic_dir, atomic_write_json
 from unierase.loggers import log_metrics
@@ -36,6 +37,15 @@ class SettingConfig:
     rounds: int | None = None  # sequential: run the first n rounds (None = all)
     item_ids: list[int] = field(default_factory=lambda: [1])  # precise: forget-split row indices
     fail_after_round: int | None = None  # sequential: raise after this round (tests resumability)
+
+    def __post_init__(self) -> None:
+        # Bounds that need the benchmark (item_ids < forget rows, rounds <= its rounds): unierase/validate.py.
+        check(self, choices={"name": SETTINGS}, at_least={"rounds": 1, "item_ids": 0, "fail_after_round": 1})
+        if not self.item_ids:
+            raise ConfigError("item_ids", "must list at least one forget-split row")
+        repeated = sorted({i for i in self.item_ids if self.item_ids.count(i) > 1})
+        if repeated:
+            raise ConfigError("item_ids", f"lists row(s) {repeated} more than once")
 
 
 def run_batch(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchmark: Benchmark,

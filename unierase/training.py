@@ -6,9 +6,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from torch.utils.data import DataLoader, Dataset
 
+from unierase.config import ConfigError, check
 from unierase.models import IGNORE_INDEX
+
+# Lightning's `precision` values (lightning.fabric.connector._PRECISION_INPUT, as strings).
+PRECISIONS = ("64", "32", "16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true",
+              "transformer-engine", "transformer-engine-float16")
 
 
 @dataclass
@@ -20,6 +27,21 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     log_every_n_steps: int = 1
     gradient_clip_val: float | None = None
+
+    def __post_init__(self) -> None:
+        check(self, at_least={"log_every_n_steps": 1}, positive=("gradient_clip_val",),
+              choices={"accelerator": ("auto", "gpu", *AcceleratorRegistry.available_accelerators()),
+                       "strategy": ("auto", *StrategyRegistry.available_strategies()), "precision": PRECISIONS})
+        devices = self.devices
+        if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+            devices = int(devices)
+        valid = (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool)
+                                       and (devices == -1 or devices >= 1))
+                 or (isinstance(devices, list) and devices and all(isinstance(d, int) and d >= 0 for d in devices))
+                 or (isinstance(devices, str) and all(p.strip().isdigit() for p in devices.split(","))))
+        if not valid:
+            raise ConfigError("devices", f"must be auto, -1 (all), a count >= 1, or a list of device indices, "
+                              f"got {self.devices!r}")
 
 
 class TensorDictDataset(Dataset):

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from unierase.config import check
 from unierase.context import RunContext
 from unierase.edit import (
     EditConfig,
@@ -41,6 +42,9 @@ class UniEraseConfig:
     token: TokenConfig = field(default_factory=TokenConfig)
     edit: EditConfig = field(default_factory=EditConfig)
     generic_questions: int = 400  # token.train_on=generic: how many generic questions train it
+
+    def __post_init__(self) -> None:
+        check(self, choices={"kind": ("unierase",)}, at_least={"generic_questions": 1})
 
 
 def first_token_rate(model: PreTrainedModel, tokenizer: Any, edits: list[EditRequest], model_cfg: ModelConfig) -> float:

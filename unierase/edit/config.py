@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from unierase.config import ConfigError, check
+
 
 @dataclass
 class EditConfig:
@@ -43,20 +45,27 @@ class EditConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Layer indices below the model's depth: unierase/validate.py (it needs the model's config).
+        check(self, at_least={"layers": 0, "v_steps": 1, "v_weight_decay": 0, "kl_factor": 0, "early_stop_loss": 0,
+                              "nullspace_threshold": 0, "L2": 0, "batch_size": 1, "mom2_n_samples": 1,
+                              "mom2_chunk_tokens": 2, "mom2_batch_size": 1, "protect_weight": 0,
+                              "forward_batch_size": 1},
+              positive=("v_lr", "clamp_norm_factor"), seeds=("seed",),
+              choices={"key_position": ("subject_last", "last"), "context_layout": ("in_user_turn", "reference"),
+                       "nullspace_mode": ("absolute", "relative"), "protect": ("none", "retain_keys", "token_keys"),
+                       "value_target": ("token", "token_continuation"),
+                       "value_autocast": ("bfloat16", "float16", "float32")})
         self.layers = sorted({int(layer) for layer in self.layers})
+        if not self.layers:
+            raise ConfigError("layers", "must list at least one layer")
         if self.context_templates is not None:
             self.context_templates = list(self.context_templates)
-        choices = {"key_position": ("subject_last", "last"), "context_layout": ("in_user_turn", "reference"),
-                   "nullspace_mode": ("absolute", "relative"), "protect": ("none", "retain_keys", "token_keys"),
-                   "value_target": ("token", "token_continuation")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"edit.{name} must be one of {allowed}, got '{getattr(self, name)}'")
-        if not self.layers or self.batch_size < 1 or self.v_steps < 1:
-            raise ValueError("edit.layers must be non-empty, edit.batch_size and edit.v_steps >= 1")
-        for template in self.context_templates or []:
+        for i, template in enumerate(self.context_templates or []):
             if template.count("{}") != 1:
-                raise ValueError(f"context template {template!r} must contain '{{}}' exactly once")
+                raise ConfigError(f"context_templates[{i}]", f"must contain '{{}}' exactly once, got {template!r}")
+        if self.module_template is not None and self.module_template.count("{}") != 1:
+            raise ConfigError("module_template", f"must contain '{{}}' (the layer index) once, got "
+                              f"{self.module_template!r}")
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from omegaconf import OmegaConf
+from unierase.config import ConfigError, check
 
-from unierase.config import UnknownChoice
+FAMILIES = ("cl", "ou", "ut")  # knowledge (closer-look, open-unlearning) and general ability
+UTILITY_BENCHMARKS = ("mmlu", "triviaqa", "gsm8k", "humaneval")  # = benchmarks.utility.LOADERS
+
+
+def _no_repeats(values: list[str], name: str) -> None:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(name, f"lists {repeated} more than once")
 
 
 @dataclass
@@ -24,6 +29,17 @@ class UtilityConfig:
     gsm8k_parse: str = "project"  # project | reference
     humaneval_timeout_s: float = 3.0
     humaneval_prepend_prompt: bool = False  # prepend the item prompt when the code lacks `def entry_point`
+
+    def __post_init__(self) -> None:
+        check(self, choices={"benchmarks": UTILITY_BENCHMARKS, "triviaqa_match": ("project", "reference"),
+                             "gsm8k_parse": ("project", "reference")},
+              between={f"{bench}_fraction": (0.0, 1.0) for bench in UTILITY_BENCHMARKS},
+              at_least={"max_new_tokens": 1}, positive=("humaneval_timeout_s",))
+        _no_repeats(self.benchmarks, "benchmarks")
+        for bench in self.benchmarks:
+            if getattr(self, f"{bench}_fraction") == 0:
+                raise ConfigError(f"{bench}_fraction", f"is 0: no {bench} item would be scored (drop {bench} from "
+                                  "eval.utility.benchmarks instead)")
 
     def fractions(self) -> dict[str, float]:
         return {bench: getattr(self, f"{bench}_fraction") for bench in self.benchmarks}
@@ -50,15 +66,11 @@ class EvalConfig:
     es_reference_quirk: bool = False  # ou.extraction_strength as open-unlearning's loop (k* ≤ n−1)
     utility: UtilityConfig = field(default_factory=lambda: UtilityConfig())
 
-
-EVAL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "eval"
-
-
-def eval_config(preset: str = "full", **overrides: Any) -> EvalConfig:
-    """An `eval` group entry (conf/eval/<preset>.yaml) merged with dotted-key overrides, outside Hydra."""
-    path = EVAL_CONFIG_DIR / f"{preset}.yaml"
-    if not path.is_file():
-        raise UnknownChoice("eval preset", preset, sorted(p.stem for p in EVAL_CONFIG_DIR.glob("*.yaml")))
-    node = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(path),
-                           OmegaConf.from_dotlist([f"{key}={value}" for key, value in overrides.items()]))
-    return OmegaConf.to_object(node)
+    def __post_init__(self) -> None:
+        check(self, choices={"families": FAMILIES},
+              at_least={"max_rows": 1, "cl_max_length": 2, "ou_max_new_tokens": 1, "nll_max_length": 2,
+                        "batch_size": 1},
+              between={"refusal_threshold": (0.0, 1.0)}, seeds=("seed",))
+        if not self.families:
+            raise ConfigError("families", f"must list at least one of {' | '.join(FAMILIES)}")
+        _no_repeats(self.families, "families")

@@ -8,14 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from unierase.config import check
+
 PERTURB_MODES = ("relative_std", "reference", "absolute", "none")
 SCHEDULES = ("per_layer", "all_layers")
+REFUSAL_POOLS = ("idontknow_100", "reference_99")  # = benchmarks.tofu.refusal_pool's variants
 
 
 @dataclass
 class PhaseConfig:
-    epochs: int
+    epochs: int  # 0 skips the phase
     lr: float
+
+    def __post_init__(self) -> None:
+        check(self, at_least={"epochs": 0}, positive=("lr",))
 
 
 @dataclass
@@ -28,6 +34,10 @@ class PerturbConfig:
     sigma_abs: float = 1e-3  # absolute mode sigma (ablation only; no reference value)
     layers: list[int] | None = None  # None = the edit layers passed by the caller
     schedule: str = "per_layer"  # per_layer | all_layers
+
+    def __post_init__(self) -> None:
+        check(self, choices={"mode": PERTURB_MODES, "schedule": SCHEDULES},
+              at_least={"alpha": 0, "sigma_abs": 0, "layers": 0}, positive=("clip",))
 
 
 @dataclass
@@ -69,21 +79,16 @@ class TokenConfig:
     save_full_model: bool = False  # TokenArtifact.save(..., model=) also writes the enlarged model
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> TokenConfig:
-        if self.samples_per_token < 1:
-            raise ValueError("token.samples_per_token must be >= 1")
-        if self.perturb.mode not in PERTURB_MODES:
-            raise ValueError(f"token.perturb.mode='{self.perturb.mode}' is not one of {PERTURB_MODES}")
-        if self.perturb.schedule not in SCHEDULES:
-            raise ValueError(f"token.perturb.schedule='{self.perturb.schedule}' is not one of {SCHEDULES}")
-        if self.on_truncation not in ("error", "skip"):
-            raise ValueError(f"token.on_truncation='{self.on_truncation}' is not error | skip")
-        if self.train_on not in ("forget", "generic"):
-            raise ValueError(f"token.train_on='{self.train_on}' is not forget | generic")
-        if self.refusal_lines is not None and self.refusal_lines < 1:
-            raise ValueError("token.refusal_lines must be >= 1 or null")
-        if self.output_anchors < 0:
-            raise ValueError("token.output_anchors must be >= 0")
+        """Every range and choice (the nested phases and perturbation check their own on construction)."""
+        check(self, at_least={"samples_per_token": 1, "refusal_lines": 1, "output_anchors": 0, "max_length": 2,
+                              "batch_size": 1, "sanity_questions": 0, "sanity_max_new_tokens": 1},
+              positive=("init_std",), seeds=("seed",),
+              choices={"refusal_pool": REFUSAL_POOLS, "on_truncation": ("error", "skip"),
+                       "train_on": ("forget", "generic")})
         return self
 
     @classmethod
