@@ -19,7 +19,8 @@ from unierase.finetune import FinetuneConfig, answer_loss, finetune
 from unierase.io import DataError, read_jsonl
 from unierase.models import ModelConfig, chat_prompt, encode_qa, package_dir, turn_end_id
 from unierase.objective import ObjectiveConstraint
-from unierase.run import CONFIG_DIR, METHODS
+from unierase.registry import METHODS
+from unierase.run import CONFIG_DIR
 from unierase.settings import SettingConfig
 from unierase.target import TargetConfig, cached_finetune
 from unierase.training import TrainerConfig

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from benchmarks.utility import LOADERS
 from unierase.config import ConfigError, typed
 from unierase.evaluation.config import UTILITY_BENCHMARKS
-from unierase.run import CONFIG_DIR, METHODS, run
+from unierase.registry import METHODS
+from unierase.run import CONFIG_DIR, run
 from unierase.settings import SettingConfig
 from unierase.validate import InvalidJob, validate_job
 

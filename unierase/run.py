@@ -19,40 +19,36 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
-from baselines.method import BaselineConfig, FinetuneUnlearner
-from benchmarks import load_benchmark
 from benchmarks.real_world import with_answers
-from benchmarks.utility import load_utility
-from unierase.config import choose, typed
+from unierase.config import typed
 from unierase.context import RunContext
 from unierase.evaluation.aggregate import read_forget_truth_ratios
-from unierase.evaluation.config import EvalConfig
 from unierase.evaluation.knowledge import evaluate_knowledge
 from unierase.evaluation.utility import evaluate_utility
 from unierase.io import atomic_write_json, stable_hash
 from unierase.loggers import finish, log_metrics, make_loggers
-from unierase.method import Unlearner
 from unierase.models import base_identity, load_model
 from unierase.objective import ObjectiveConstraint, objective_value
 from unierase.records import QA, Benchmark
 from unierase.references import regenerate_references
+from unierase.registry import METHODS
 from unierase.run_dir import peak_rss_gb, unique_dir, write_run_header
-from unierase.settings import SETTINGS, Evaluator, SettingConfig
+from unierase.settings import SETTINGS, Evaluator
 from unierase.target import Targets
-from unierase.unierase import UniErase, UniEraseConfig
-from unierase.validate import InvalidJob, validate_job
+from unierase.validate import CheckedJob, InvalidJob, validate_job
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Job:
-    """One `unierase` invocation: the resolved config, the run context and the model builders."""
+    """One `unierase` invocation: the resolved config, what validation typed and loaded, the run context and
+    the model builders."""
 
     cfg: DictConfig
+    checked: CheckedJob
     ctx: RunContext
     targets: Targets
-    eval_cfg: EvalConfig
 
     def load_base(self) -> tuple[PreTrainedModel, Any]:
         return load_model(self.ctx.model_cfg, self.ctx.cache_dir, seed=self.ctx.seed)
@@ -60,28 +56,15 @@ class Job:
 
 def stage_finetune(job: Job) -> dict:
     base, tokenizer = job.load_base()
-    benchmark = load_benchmark(job.cfg.benchmark)
     start = time.perf_counter()
-    _, target_id = job.targets.target(base, tokenizer, benchmark)
-    reference = job.targets.retain_reference(base, tokenizer, benchmark)
+    _, target_id = job.targets.target(base, tokenizer, job.checked.benchmark)
+    reference = job.targets.retain_reference(base, tokenizer, job.checked.benchmark)
     return {"target": target_id, "retain_reference": reference[1].name if reference else None,
             "seconds": time.perf_counter() - start}
 
 
-METHODS = {"unierase": (UniEraseConfig, UniErase), "finetune": (BaselineConfig, FinetuneUnlearner)}
-
-
-def build_method(node: DictConfig) -> Unlearner:
-    schema, method = choose(METHODS, node.get("kind"), f"kind of method '{node.get('name')}'")
-    return method(typed(node, schema))
-
-
 def make_evaluator(job: Job, benchmark: Benchmark, retain_reference_tr: list[float] | None) -> Evaluator:
-    eval_cfg = job.eval_cfg
-    # Every utility file is read and checked before the first (slow) step of the run.
-    utility_items = (load_utility(Path(job.cfg.paths.data_dir) / "utility", eval_cfg.utility.benchmarks,
-                                  eval_cfg.utility.fractions(), eval_cfg.seed)
-                     if "ut" in eval_cfg.families else {})
+    eval_cfg, utility_items = job.checked.eval, job.checked.utility
 
     def evaluate(model, tokenizer, forget_splits: dict[str, list[QA]], out_dir: Path) -> dict:
         start = time.perf_counter()
@@ -101,8 +84,8 @@ def retain_reference_truth_ratios(job: Job, base, tokenizer, benchmark: Benchmar
     if built is None:
         return None
     reference, path = built
-    eval_cfg = replace(job.eval_cfg, families=["ou"], generation=False)  # truth ratios need no generation
-    out_dir = path / "forget_truth_ratios" / job.cfg.benchmark.split
+    eval_cfg = replace(job.checked.eval, families=["ou"], generation=False)  # truth ratios need no generation
+    out_dir = path / "forget_truth_ratios" / job.checked.benchmark_cfg.split
     if not (out_dir / "knowledge.forget_truth_ratios.json").is_file():
         evaluate_knowledge(reference, tokenizer, benchmark, eval_cfg, job.ctx.model_cfg, out_dir)
     return read_forget_truth_ratios(out_dir)
@@ -118,35 +101,31 @@ def model_references(job: Job, target, tokenizer, benchmark: Benchmark) -> Bench
 
 
 def stage_unlearn(job: Job) -> dict:
-    benchmark = load_benchmark(job.cfg.benchmark)
+    benchmark, setting = job.checked.benchmark, job.checked.setting
     job.ctx.results_key = results_key(job.cfg, benchmark)
-    setting = typed(job.cfg.setting, SettingConfig)
-    run_setting = choose(SETTINGS, setting.name, "setting")
-    method = build_method(job.cfg.method)
-    with_reference = "ou" in job.eval_cfg.families
+    method = METHODS[job.cfg.method.kind][1](job.checked.method)
+    with_reference = "ou" in job.checked.eval.families
     job.targets.build_missing_in_children(benchmark, with_reference)
     base, tokenizer = job.load_base()
     target, job.ctx.model_id = job.targets.target(base, tokenizer, benchmark)
     benchmark = model_references(job, target, tokenizer, benchmark)
     retain_tr = retain_reference_truth_ratios(job, base, tokenizer, benchmark) if with_reference else None
     evaluate = make_evaluator(job, benchmark, retain_tr)
-    metrics = run_setting(method, target, tokenizer, benchmark, job.ctx, evaluate, setting)
+    metrics = SETTINGS[setting.name](method, target, tokenizer, benchmark, job.ctx, evaluate, setting)
     log_metrics(job.ctx.loggers, metrics)
     return metrics
 
 
 def stage_eval(job: Job) -> dict:
-    if not job.ctx.model_cfg.path:
-        raise ValueError("stage=eval needs model.path=<a saved model directory or hub id>")
     base, tokenizer = job.load_base()
-    benchmark = load_benchmark(job.cfg.benchmark)
+    benchmark = job.checked.benchmark
     evaluate = make_evaluator(job, benchmark, None)
     metrics = evaluate(base, tokenizer, {"forget": benchmark.forget}, job.ctx.run_dir / "eval")
     log_metrics(job.ctx.loggers, metrics)
     return metrics
 
 
-STAGES = {"finetune": stage_finetune, "unlearn": stage_unlearn, "eval": stage_eval}
+STAGE_FUNCTIONS = {"finetune": stage_finetune, "unlearn": stage_unlearn, "eval": stage_eval}
 # Config nodes that never change a result: where files go, how progress is logged, how training is spread.
 NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags")
 
@@ -162,7 +141,7 @@ def results_key(cfg: DictConfig, benchmark: Benchmark | None) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     checked = validate_job(cfg)  # every value and data file, before anything is written (InvalidJob)
-    stage = STAGES[checked.stage]
+    stage = STAGE_FUNCTIONS[checked.stage]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     write_run_header(run_dir, cfg)
     model_cfg, trainer_cfg = checked.model, checked.trainer
@@ -171,7 +150,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                      loggers=make_loggers(cfg, run_dir))
     targets = Targets(checked.target, model_cfg, trainer_cfg, ctx.cache_dir, base_identity(model_cfg, ctx.seed),
                       ctx.seed)
-    job = Job(cfg, ctx, targets, checked.eval)
+    job = Job(cfg, checked, ctx, targets)
     start = time.perf_counter()
     result = stage(job)
     # The job's peak: this process's, or this process and a child building a model together.

@@ -29,6 +29,7 @@ from unierase.io import DataError, read_text
 from unierase.models import ModelConfig, package_dir
 from unierase.objective import ObjectiveConstraint
 from unierase.records import Benchmark, UtilityItem
+from unierase.registry import METHODS, STAGES
 from unierase.settings import SettingConfig
 from unierase.target import TargetConfig
 from unierase.training import TrainerConfig
@@ -95,10 +96,9 @@ def _top_level(cfg: DictConfig, stages: Any) -> str:
 
 def validate_config(cfg: DictConfig) -> CheckedJob:
     """Type every node of the resolved config and check every value; a ConfigError names the first bad one."""
-    stages, methods = _run_registries()
-    stage = _top_level(cfg, stages)
+    stage = _top_level(cfg, STAGES)
     benchmark_schema = BENCHMARKS[_choice(cfg.benchmark, "name", BENCHMARKS, "benchmark")][0]
-    method_schema = methods[_choice(cfg.method, "kind", methods, "method")][0]
+    method_schema = METHODS[_choice(cfg.method, "kind", METHODS, "method")][0]
     checked = CheckedJob(
         stage=stage,
         model=typed(cfg.model, ModelConfig, "model"),
@@ -119,13 +119,6 @@ def validate_config(cfg: DictConfig) -> CheckedJob:
             raise ConfigError("setting.fail_after_round", f"must be <= setting.rounds={checked.setting.rounds}, "
                               f"got {checked.setting.fail_after_round}")
     return checked
-
-
-def _run_registries() -> tuple[Any, Any]:
-    """`unierase.run`'s stages and method kinds (kind -> (schema, class))."""
-    from unierase.run import METHODS, STAGES  # `run` imports this module: its registries, read at call time
-
-    return STAGES, METHODS
 
 
 # The model ----------------------------------------------------------------------------------------------
