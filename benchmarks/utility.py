@@ -54,7 +54,8 @@ def load_mmlu(utility_dir: Path) -> list[UtilityItem]:
                     items.append(UtilityItem(
                         uid=f"mmlu/{subject}/{len(items)}",
                         message=MMLU_PROMPT.format(question=row[0], A=row[1], B=row[2], C=row[3], D=row[4]),
-                        gold={"answer": row[5]},
+                        # The fields themselves too: log-likelihood scoring builds lm-eval's prompt from them.
+                        gold={"answer": row[5], "subject": subject, "question": row[0], "choices": row[1:5]},
                     ))
                     line = reader.line_num + 1
             except csv.Error as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from unierase.evaluation.aggregate import (
     aggregate_from_records,
     read_forget_truth_ratios,
     read_knowledge_records,
+    read_split_roles,
 )
 from unierase.evaluation.engine import answer_nll, generate, generate_ids, load_encoder, load_nli
 from unierase.evaluation.knowledge import evaluate_knowledge
+from unierase.evaluation.loglik import continuation_logprobs, encode_pair
 from unierase.evaluation.utility import evaluate_utility
 from unierase.io import DataError
 from unierase.models import chat_prompt, end_of_turn_ids, load_model, package_dir, turn_end_id
@@ -122,8 +125,11 @@ def test_evaluate_knowledge_records_reproduce_metrics(tmp_path, varied, data_dir
     assert row["uid"] == benchmark.forget[0].uid and len(row["nll_perturbed"]) == 5
     assert row["correct_field"] == "paraphrased_answer" and records["real_authors"][0]["correct_field"] == "answer"
     assert isinstance(row["generation"], str) and isinstance(row["generation_ou"], str)
-    # Recomputed from the files alone: exactly the returned values.
-    assert aggregate_from_records(records, cfg) == metrics
+    # Recomputed from the files alone (the roles too): exactly the returned values.
+    roles = read_split_roles(tmp_path)
+    assert {s: r.value for s, r in roles.items()} == {"forget": "forget", "retain": "utility",
+                                                      "real_authors": "utility", "world_facts": "utility"}
+    assert aggregate_from_records(records, roles, cfg) == metrics
 
     for split in splits:
         for name in ("rouge", "prob", "truth_ratio", "token_entropy", "cosine", "mean_len", "refusal_rate",
@@ -148,15 +154,15 @@ def test_evaluate_knowledge_records_reproduce_metrics(tmp_path, varied, data_dir
     # Forget quality against the model's own per-example truth ratios is 1.
     own = read_forget_truth_ratios(tmp_path / FORGET_TR_FILE)
     assert len(own) == 3
-    assert aggregate_from_records(records, cfg, retain_reference_tr=own)["ou.forget_quality"] == 1.0
+    assert aggregate_from_records(records, roles, cfg, retain_reference_tr=own)["ou.forget_quality"] == 1.0
 
     # Without partial aggregates nothing is stored under _partial; with NLI labels FE is complete.
-    strict = aggregate_from_records(records, dataclasses.replace(cfg, allow_partial_aggregates=False))
+    strict = aggregate_from_records(records, roles, dataclasses.replace(cfg, allow_partial_aggregates=False))
     assert strict["cl.forget_efficacy"] is None and not any(k.endswith("_partial") for k in strict)
     for rows in records.values():
         for r in rows:
             r["nli_label"] = "entailment"
-    full = aggregate_from_records(records, cfg)
+    full = aggregate_from_records(records, roles, cfg)
     assert full["cl.forget_efficacy"] == pytest.approx(m.forget_efficacy(
         *(full[f"cl.forget.{x}"] for x in ("rouge", "prob", "truth_ratio", "cosine", "entailment"))))
     assert "cl.forget_efficacy_partial" not in full
@@ -180,22 +186,65 @@ def test_auxiliary_models_load_offline_or_give_a_reason(tmp_path):
     assert len(labels) == 2 and set(labels) <= {"entailment", "neutral", "contradiction"}
 
 
+def test_continuation_logprobs_equal_one_full_pass_each(varied):
+    model, tokenizer, _ = varied
+    question = "The following are questions (with answers) about anatomy.\n\nQuestion: Which bone?\nAnswer:"
+    contexts = [question] * 4 + ["Two plus two is ", "Hi"]
+    continuations = [" A", " the femur bone", " B", " skull and jaw", "four", " there"]
+    got = continuation_logprobs(model, tokenizer, contexts, continuations, batch_size=2)
+    for context, continuation, one in zip(contexts, continuations, got):
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1].float()
+        logprobs = torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None])[:, 0]
+        assert one.n_tokens == len(cont)
+        assert one.logprob == pytest.approx(float(logprobs.sum()), abs=1e-4)
+        assert one.is_greedy == (logits.argmax(-1).tolist() == cont)
+    # The context's trailing space moves to the continuation (lm-eval's _encode_pair).
+    assert encode_pair(tokenizer, "Two plus two is ", "four") == encode_pair(tokenizer, "Two plus two is", " four")
+    other_batches = continuation_logprobs(model, tokenizer, contexts, continuations, batch_size=5)
+    assert [x.logprob for x in other_batches] == pytest.approx([x.logprob for x in got], abs=1e-4)
+
+
+def _one_line(path) -> dict:
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    return json.loads(lines[0])
+
+
 def test_evaluate_utility_end_to_end(tmp_path, varied, data_dir):
     model, tokenizer, model_cfg = varied
-    # One item per benchmark: int(f·N) = 1.
-    cfg = eval_config("fast", **{"utility.mmlu_fraction": 1e-4, "utility.triviaqa_fraction": 4e-4,
-                                 "utility.gsm8k_fraction": 1e-3, "utility.humaneval_fraction": 7e-3,
+    # Two items per benchmark (int(f·N) = 2), so every accuracy has a standard error.
+    cfg = eval_config("fast", **{"utility.mmlu_fraction": 1.5e-4, "utility.triviaqa_fraction": 7e-4,
+                                 "utility.gsm8k_fraction": 1.6e-3, "utility.humaneval_fraction": 0.013,
                                  "utility.max_new_tokens": 4})
+    assert (cfg.utility.mmlu_protocol, cfg.utility.mmlu_format) == ("loglik", "continuation")
     items = load_utility(data_dir / "utility", cfg.utility.benchmarks, cfg.utility.fractions(), cfg.seed)
     metrics = evaluate_utility(model, tokenizer, items, cfg, model_cfg, tmp_path, ["I don't know."])
+    mmlu = _one_line(tmp_path / "utility.mmlu.jsonl")
+    assert mmlu["choices"] == items["mmlu"][0].gold["choices"] and len(mmlu["logprobs"]) == 4
+    assert "response" not in mmlu and metrics["ut.mmlu.refusal_rate"] is None  # no generation
+    assert {"ut.mmlu.acc_norm", "ut.mmlu.acc_norm_stderr"} <= set(metrics) and "ut.mmlu.acc_lenient" not in metrics
+    for bench in ("triviaqa", "gsm8k", "humaneval"):
+        record = _one_line(tmp_path / f"utility.{bench}.jsonl")
+        assert {"uid", "response", "correct", "correct_lenient", "refusal", "n_tokens"} <= set(record)
+        assert metrics[f"ut.{bench}.refusal_rate"] is not None and f"ut.{bench}.acc_norm" not in metrics
     for bench in ("mmlu", "triviaqa", "gsm8k", "humaneval"):
-        lines = (tmp_path / f"utility.{bench}.jsonl").read_text().splitlines()
-        assert len(lines) == 1
-        record = json.loads(lines[0])
-        assert {"uid", "response", "correct", "refusal", "n_tokens"} <= set(record)
-        assert metrics[f"ut.{bench}.acc"] == float(record["correct"])
-        assert metrics[f"ut.{bench}.refusal_rate"] is not None
-        assert metrics[f"ut.{bench}.mean_len"] == record["n_tokens"]
+        acc = metrics[f"ut.{bench}.acc"]
+        assert metrics[f"ut.{bench}.n"] == 2
+        assert metrics[f"ut.{bench}.acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 1))
+    summary = json.loads((tmp_path / "utility.json").read_text())
+    assert summary["notes"]["chance"]["mmlu"] == 0.25 and "ut.mmlu.acc" in summary["notes"]["z_vs_chance"]
+
+    # The paper's protocol: MMLU generates, scored strictly and leniently; letters format scores " A".." D".
+    generate_cfg = dataclasses.replace(cfg, utility=dataclasses.replace(cfg.utility, mmlu_protocol="generate"))
+    metrics = evaluate_utility(model, tokenizer, {"mmlu": items["mmlu"]}, generate_cfg, model_cfg, tmp_path / "g", [])
+    assert {"correct", "correct_lenient", "response"} <= set(_one_line(tmp_path / "g" / "utility.mmlu.jsonl"))
+    assert "ut.mmlu.acc_lenient" in metrics and "ut.mmlu.acc_norm" not in metrics
+    letters_cfg = dataclasses.replace(cfg, utility=dataclasses.replace(cfg.utility, mmlu_format="letters"))
+    metrics = evaluate_utility(model, tokenizer, {"mmlu": items["mmlu"]}, letters_cfg, model_cfg, tmp_path / "l", [])
+    assert _one_line(tmp_path / "l" / "utility.mmlu.jsonl")["choices"] == ["A", "B", "C", "D"]
+    assert metrics["ut.mmlu.acc"] == metrics["ut.mmlu.acc_norm"]  # one-character choices
 
 
 def test_utility_data_errors_name_file_and_line(tmp_path):
@@ -217,3 +266,15 @@ def test_utility_data_errors_name_file_and_line(tmp_path):
     # Subsampling keeps a prefix of one seeded shuffle, so smaller fractions nest.
     items = list(range(100))
     assert subsample(items, 0.5, 42)[:30] == subsample(items, 0.3, 42)
+
+
+def test_parity_presets_state_the_published_protocols():
+    closer = eval_config("closer_look_parity")
+    assert (closer.row_cap("tofu"), closer.row_cap("real_world")) == (300, None)  # closer-look's ds_size
+    assert (closer.cl_max_length, closer.batch_size, closer.allow_partial_aggregates) == (200, 30, False)
+    assert (closer.utility.mmlu_protocol, closer.utility.triviaqa_match, closer.utility.gsm8k_parse) == (
+        "generate", "reference", "reference")
+    ou = eval_config("open_unlearning_parity")
+    assert ou.families == ["ou"] and ou.row_cap("tofu") is None
+    assert (ou.nll_max_length, ou.ou_max_new_tokens, ou.es_reference_quirk) == (512, 200, True)
+    assert eval_config("fast").row_cap("real_world") == 50  # no benchmark list: every benchmark is capped

@@ -155,6 +155,69 @@ def test_mmlu():
     assert m.mmlu_extract("the correct answer is B") is None  # case-sensitive
 
 
+def test_mmlu_lenient_reads_a_leading_option_label():
+    assert m.mmlu_extract_lenient("B. mutualism.") == "B"  # what SmolLM2 writes; the strict rule gives None
+    assert m.mmlu_extract_lenient("(C) 42") == "C" and m.mmlu_extract_lenient(" D") == "D"
+    assert m.mmlu_extract_lenient("A dog barks.") is None  # an article, not an option
+    assert m.mmlu_extract_lenient("B. no. The correct answer is C.") == "C"  # the strict phrase wins
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness definitions (UT)
+
+
+def test_mean_stderr_is_lm_evals():
+    # lm_eval.api.metrics.mean_stderr = sample_stddev / sqrt(n); for 0/1 values sqrt(p(1 − p)/(n − 1)).
+    assert m.mean_stderr([1, 0, 0, 1]) == pytest.approx(math.sqrt(1 / 3) / 2, **TIGHT)  # 0.28868
+    assert m.mean_stderr([1] * 3 + [0] * 7) == pytest.approx(math.sqrt(0.3 * 0.7 / 9), **TIGHT)  # 0.15275
+    assert m.mean_stderr([1, 1, 1]) == 0.0
+    assert m.mean_stderr([1]) is None and m.mean_stderr([]) is None
+
+
+def test_choice_predictions_acc_and_acc_norm():
+    # lm-eval's multiple_choice: pred = argmax(lls); pred_norm = argmax(lls / len(choice)) in characters.
+    lls = [-10.0, -12.0, -9.5, -20.0]
+    assert m.choice_predictions(lls, ["Paris", "the city of Lyon", "Rome", "a"]) == (2, 1)  # -2, -0.75, -2.375, -20
+    assert m.choice_predictions(lls, ["A", "B", "C", "D"]) == (2, 2)  # letters: acc_norm is acc
+    assert m.choice_predictions([-1.0, -1.0], ["x", "y"]) == (0, 0)  # ties: the first maximum
+    with pytest.raises(ValueError):
+        m.choice_predictions([-1.0], ["x", "y"])
+
+
+GSM_LENIENT = [  # response, gold field, lm-eval flexible-extract + exact_match
+    ("48/2 = 24 in May, 48+24 = 72 clips in total.", "...\n#### 72", True),
+    ("So the answer is $1,018.", "#### 1018", True),  # "$1,018." -> "1018"
+    ("It costs 3.50 dollars", "#### 3.5", False),  # a string match: 3.50 is not 3.5
+    ("Answer: 18.0", "#### 18", False),
+    ("The final answer is 7. Check: 2 + 5", "#### 7", False),  # the last number, wherever it is
+    ("I am not sure.", "#### 3", False),
+]
+
+
+@pytest.mark.parametrize("response, gold, correct", GSM_LENIENT)
+def test_gsm8k_lenient_is_flexible_extract(response, gold, correct):
+    assert m.gsm8k_correct_lenient(response, gold) is correct
+
+
+def test_gsm8k_flexible_extract_matches():
+    assert m.gsm8k_extract_lenient("a -12 b 7") == "7"
+    assert m.gsm8k_extract_lenient("It is -1,234.") == "-1,234."
+    assert m.gsm8k_extract_lenient("none") is None
+
+
+def test_triviaqa_lenient_reads_the_first_line():
+    burke = ["Kathy Burke", "Katherine Lucy Bridget Burke"]
+    assert m.triviaqa_correct_lenient("\nKathy Burke played Valerie.\nMore text.", burke)
+    assert not m.triviaqa_correct_lenient("Some actress.\nKathy Burke", burke)  # later lines do not count
+    assert not m.triviaqa_correct_lenient("Parisian food", ["Paris"])  # whole words
+    assert m.triviaqa_correct_lenient("It is the Onions!", ONION)
+
+
+def test_humaneval_lenient_extraction():
+    assert m.humaneval_extract_lenient("Code: def f(): return 1") == "def f(): return 1"  # strict first
+    assert m.humaneval_extract_lenient("Here:\n```python\ndef f():\n    return 1\n```") == "def f():\n    return 1"
+    assert m.humaneval_extract_lenient("    return 1\n") == "    return 1"
+
+
 ONION = ["Onion skins", "Onion", "Bulb onion", "Onions"]
 
 

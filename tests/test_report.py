@@ -34,6 +34,8 @@ def test_table_matches_golden(tmp_path, capsys):
     assert (unierase["forget_rouge"], unierase["retain_rouge"], unierase["edited_fraction"]) == (
         "0.088", "0.612", "0.012")
     assert (unierase["triviaqa"], unierase["humaneval"], unierase["wall_time_s"]) == ("0.333", "", "1235")
+    # Each utility accuracy has its standard error beside it (empty where metrics.json has none).
+    assert (unierase["mmlu_stderr"], unierase["triviaqa_stderr"], ga_batch["mmlu_stderr"]) == ("0.163", "0.211", "")
     assert (ga_seq["split"], ga_seq["model"], ga_seq["ou_model_utility"]) == ("forget01", "smollm2_135m", "0.288")
 
     for png in ("summary_fe_vs_mu.png", "summary_sequential.png"):

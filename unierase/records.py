@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 
@@ -30,6 +31,23 @@ class QA:
         return self.train_answer or self.answer
 
 
+class SplitRole(str, Enum):
+    """How the knowledge aggregates treat an evaluated split (docs/metrics.md, "Split roles"). Declared
+    where the split is made: the benchmark's `eval_splits` are utility, a setting declares its own."""
+
+    FORGET = "forget"  # forget-like: the truth ratio's forget form, CL-6's forget direction; no utility aggregate
+    UTILITY = "utility"  # knowledge to keep: the non-forget forms; the inputs of cl.model_utility
+    OTHER = "other"  # non-forget forms, reported in no aggregate
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """One split to evaluate: its rows and its role."""
+
+    role: SplitRole
+    rows: list[QA]
+
+
 @dataclass
 class Benchmark:
     """What one experiment needs from a benchmark.
@@ -37,7 +55,8 @@ class Benchmark:
     target_train: the QA the target model is fine-tuned on (None: the base model already knows);
     forget: the split being unlearned; retain_train: what regularisers and the retain-reference
     model see (everything the target knows minus the forget split); eval_splits: the non-forget
-    evaluation splits; rounds: the sequential setting's requests, in order.
+    evaluation splits, all of them knowledge to keep (role utility, `utility_splits`); rounds: the
+    sequential setting's requests, in order.
     """
 
     name: str
@@ -48,6 +67,10 @@ class Benchmark:
     rounds: list[list[QA]] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     generic_questions: list[str] = field(default_factory=list)
+
+    def utility_splits(self) -> dict[str, EvalSplit]:
+        """`eval_splits` with their role: what the target knows and unlearning must keep."""
+        return {name: EvalSplit(SplitRole.UTILITY, rows) for name, rows in self.eval_splits.items()}
 
 
 @dataclass(frozen=True)

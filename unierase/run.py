@@ -29,11 +29,11 @@ from unierase.io import atomic_write_json, stable_hash
 from unierase.loggers import finish, log_metrics, make_loggers
 from unierase.models import base_identity, load_model
 from unierase.objective import ObjectiveConstraint, objective_value
-from unierase.records import QA, Benchmark
+from unierase.records import Benchmark, EvalSplit
 from unierase.references import regenerate_references
 from unierase.registry import METHODS
 from unierase.run_dir import peak_rss_gb, unique_dir, write_run_header
-from unierase.settings import SETTINGS, Evaluator
+from unierase.settings import SETTINGS, Evaluator, forget_like
 from unierase.target import Targets
 from unierase.validate import CheckedJob, InvalidJob, validate_job
 
@@ -66,10 +66,12 @@ def stage_finetune(job: Job) -> dict:
 def make_evaluator(job: Job, benchmark: Benchmark, retain_reference_tr: list[float] | None) -> Evaluator:
     eval_cfg, utility_items = job.checked.eval, job.checked.utility
 
-    def evaluate(model, tokenizer, forget_splits: dict[str, list[QA]], out_dir: Path) -> dict:
+    def evaluate(model, tokenizer, forget_splits: dict[str, EvalSplit], out_dir: Path) -> dict:
         start = time.perf_counter()
-        metrics = evaluate_knowledge(model, tokenizer, benchmark, eval_cfg, job.ctx.model_cfg, out_dir,
-                                     retain_reference_tr, forget_splits)
+        metrics: dict = {}
+        if {"cl", "ou"} & set(eval_cfg.families):  # `eval.families=[ut]` scores general ability alone
+            metrics = evaluate_knowledge(model, tokenizer, benchmark, eval_cfg, job.ctx.model_cfg, out_dir,
+                                         retain_reference_tr, forget_splits)
         if utility_items:
             metrics |= evaluate_utility(model, tokenizer, utility_items, eval_cfg, job.ctx.model_cfg, out_dir,
                                         benchmark.refusals)
@@ -85,7 +87,11 @@ def retain_reference_truth_ratios(job: Job, base, tokenizer, benchmark: Benchmar
         return None
     reference, path = built
     eval_cfg = replace(job.checked.eval, families=["ou"], generation=False)  # truth ratios need no generation
-    out_dir = path / "forget_truth_ratios" / job.checked.benchmark_cfg.split
+    # Keyed by what changes the values besides the model: the rows scored and the NLL cut (a parity preset
+    # scores the full split at 512 tokens, `fast` 50 rows at 200).
+    cap = eval_cfg.row_cap(benchmark.name)
+    out_dir = (path / "forget_truth_ratios" / job.checked.benchmark_cfg.split
+               / f"rows-{cap or 'all'}_nll-{eval_cfg.nll_max_length}")
     if not (out_dir / "knowledge.forget_truth_ratios.json").is_file():
         evaluate_knowledge(reference, tokenizer, benchmark, eval_cfg, job.ctx.model_cfg, out_dir)
     return read_forget_truth_ratios(out_dir)
@@ -120,7 +126,7 @@ def stage_eval(job: Job) -> dict:
     base, tokenizer = job.load_base()
     benchmark = job.checked.benchmark
     evaluate = make_evaluator(job, benchmark, None)
-    metrics = evaluate(base, tokenizer, {"forget": benchmark.forget}, job.ctx.run_dir / "eval")
+    metrics = evaluate(base, tokenizer, {"forget": forget_like(benchmark.forget)}, job.ctx.run_dir / "eval")
     log_metrics(job.ctx.loggers, metrics)
     return metrics
 

@@ -4,6 +4,9 @@
 - sequential: K rounds, each on top of the previous round's model; state is saved atomically after
               every round, so the same command resumes at the first unfinished round;
 - precise:    one QA pair per request, each unlearned from the same starting model.
+
+Each setting declares the role of every split it asks to evaluate (`SplitRole`); the benchmark's own
+evaluation splits are always utility.
 """
 from __future__ import annotations
 
@@ -23,12 +26,18 @@ from unierase.io import atomic_dir, atomic_write_json
 from unierase.loggers import log_metrics
 from unierase.method import Unlearner
 from unierase.models import copy_model, save_model
-from unierase.records import QA, Benchmark
+from unierase.records import QA, Benchmark, EvalSplit, SplitRole
 
 log = logging.getLogger(__name__)
 
-# evaluate(model, tokenizer, forget_splits, out_dir) -> metrics
-Evaluator = Callable[[PreTrainedModel, Any, dict[str, list[QA]], Path], dict[str, Any]]
+# evaluate(model, tokenizer, forget_splits, out_dir) -> metrics; forget_splits: name -> rows and role
+Evaluator = Callable[[PreTrainedModel, Any, dict[str, EvalSplit], Path], dict[str, Any]]
+
+
+def forget_like(rows: list[QA]) -> EvalSplit:
+    """A split scored with the forget forms and kept out of model utility: the request itself, what earlier
+    rounds forgot, or the request's siblings."""
+    return EvalSplit(SplitRole.FORGET, rows)
 
 
 @dataclass
@@ -57,7 +66,7 @@ def run_batch(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchma
     metrics = {"time.unlearn_s": seconds, **method.metrics(model)}
     # Saved before evaluation, so a failing evaluation never loses it (`stage=eval` on it finishes the job).
     save_model(model, tokenizer, ctx.run_dir / "model")
-    metrics.update(evaluate(model, tokenizer, {"forget": benchmark.forget}, ctx.run_dir / "eval"))
+    metrics.update(evaluate(model, tokenizer, {"forget": forget_like(benchmark.forget)}, ctx.run_dir / "eval"))
     return metrics
 
 
@@ -86,8 +95,9 @@ def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, be
         seconds = time.perf_counter() - start
         forgotten = [qa for round_ in rounds[:number] for qa in round_]
         metrics = {"round": number, "time.unlearn_s": seconds, **method.metrics(model)}
-        metrics.update(evaluate(model, tokenizer, {"forget": rounds[number - 1], "forgotten": forgotten},
-                                ctx.run_dir / "eval" / f"round_{number:02d}"))
+        # `forgotten` (every round so far) is forget-like: it must stay forgotten, so it is no utility input.
+        splits = {"forget": forget_like(rounds[number - 1]), "forgotten": forget_like(forgotten)}
+        metrics.update(evaluate(model, tokenizer, splits, ctx.run_dir / "eval" / f"round_{number:02d}"))
         history.append(metrics)
         log_metrics(ctx.loggers, metrics, step=number)
         with atomic_dir(state) as tmp:
@@ -109,12 +119,16 @@ def run_precise(method: Unlearner, model: PreTrainedModel, tokenizer: Any, bench
                 ctx: RunContext, evaluate: Evaluator, cfg: SettingConfig) -> dict[str, Any]:
     items = [benchmark.forget[i] for i in cfg.item_ids]
     start_model = method.prepare(model, tokenizer, items, benchmark, ctx)
-    start_splits = {"forget": items} | {f"siblings_{i}": siblings(benchmark, qa) for i, qa in zip(cfg.item_ids, items)}
+    # Siblings are rows of the forget split (same author): forget-like, compared with their own start values
+    # (`siblings.*_vs_start`) rather than averaged into model utility.
+    start_splits = {"forget": forget_like(items)} | {f"siblings_{i}": forget_like(siblings(benchmark, qa))
+                                                     for i, qa in zip(cfg.item_ids, items)}
     target_scores = evaluate(start_model, tokenizer, start_splits, ctx.run_dir / "eval" / "start")
     per_item = []
     for index, item in zip(cfg.item_ids, items):
         edited = method.unlearn(copy_model(start_model), tokenizer, [item], benchmark, ctx)
-        scores = evaluate(edited, tokenizer, {"forget": [item], "siblings": siblings(benchmark, item)},
+        scores = evaluate(edited, tokenizer,
+                          {"forget": forget_like([item]), "siblings": forget_like(siblings(benchmark, item))},
                           ctx.run_dir / "eval" / f"item_{index}")
         scores["siblings.rouge_vs_start"] = _ratio(scores.get("cl.siblings.rouge"),
                                                    target_scores.get(f"cl.siblings_{index}.rouge"))

@@ -1,6 +1,7 @@
 """Knowledge aggregates from per-example records (docs/metrics.md): `cl.*` on every split, `ou.*` on TOFU,
-forget efficacy and model utility. `evaluate_knowledge` writes the records; everything here reads only
-them, so a later re-analysis of a run directory gives the same numbers."""
+forget efficacy and model utility. `evaluate_knowledge` writes the records and each split's role
+(`SplitRole`, in `knowledge.json`); everything here reads only them, so a later re-analysis of a run
+directory gives the same numbers."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ import numpy as np
 from unierase.evaluation import metrics as m
 from unierase.evaluation.config import EvalConfig
 from unierase.io import DataError, read_jsonl
+from unierase.records import SplitRole
 
 CL_METRICS = ("rouge", "prob", "truth_ratio", "token_entropy", "cosine", "entailment")
 FE_METRICS = ("rouge", "prob", "truth_ratio", "cosine", "entailment")  # token entropy excluded
@@ -43,14 +45,14 @@ def _probs(split: str, rows: Sequence[dict]) -> list[float]:
     return [m.prob_from_nll(r["nll_answer"]) for r in rows]
 
 
-def _cl_split(split: str, rows: Sequence[dict]) -> dict[str, float | None]:
+def _cl_split(split: str, rows: Sequence[dict], role: SplitRole) -> dict[str, float | None]:
     rouges = [r.get("rouge") for r in rows]
     Rs = [m.truth_ratio_R(r["nll_correct"], r["nll_perturbed"]) for r in rows]
     nli = [r.get("nli_label") for r in rows]
     entailment = None
     if all(x is not None for x in nli + rouges):
         entailment = m.entailment_score(m.entailment_labels(nli, rouges))
-    truth_ratio = m.cl_truth_ratio_forget(Rs) if split == "forget" else m.cl_truth_ratio_nonforget(Rs)
+    truth_ratio = m.cl_truth_ratio_forget(Rs) if role is SplitRole.FORGET else m.cl_truth_ratio_nonforget(Rs)
     return {
         f"cl.{split}.rouge": _mean(rouges),
         f"cl.{split}.prob": _mean(_probs(split, rows)),
@@ -102,12 +104,26 @@ def _ou_metrics(records: Mapping[str, Sequence[dict]], cfg: EvalConfig,
     return out
 
 
-def aggregate_components(splits: Sequence[str], families: Sequence[str]) -> dict[str, list[str]]:
-    """Each aggregate's input metric keys (cl: FE of 5, MU of 6 per non-forget split; ou: MU of 9)."""
+def check_roles(splits: Sequence[str], roles: Mapping[str, SplitRole]) -> None:
+    """Every split has a role, and `forget` (the request, forget efficacy's input) is forget-like."""
+    missing = [s for s in splits if s not in roles]
+    if missing:
+        raise ValueError(f"split(s) {missing} have no role (SplitRole)")
+    if "forget" in splits and roles["forget"] is not SplitRole.FORGET:
+        raise ValueError(f"the 'forget' split must have role forget, not {roles['forget'].value}")
+
+
+def aggregate_components(splits: Sequence[str], roles: Mapping[str, SplitRole],
+                         families: Sequence[str]) -> dict[str, list[str]]:
+    """Each aggregate's input metric keys: cl forget efficacy, 5 metrics of `forget` (the request); cl model
+    utility, 6 per utility-role split; ou model utility, 9 (TOFU). Forget-like splits other than `forget`
+    (a sequential round's `forgotten`, a precise item's siblings) and role `other` enter none."""
+    check_roles(splits, roles)
     comps: dict[str, list[str]] = {}
     if "cl" in families:
         comps["cl.forget_efficacy"] = [f"cl.forget.{x}" for x in FE_METRICS]
-        comps["cl.model_utility"] = [f"cl.{s}.{x}" for s in splits if s != "forget" for x in CL_METRICS]
+        comps["cl.model_utility"] = [f"cl.{s}.{x}" for s in splits if roles[s] is SplitRole.UTILITY
+                                     for x in CL_METRICS]
         retain = "retain" if "retain" in splits else "neighbour"
         comps["cl.model_utility_retain"] = [f"cl.{retain}.{x}" for x in CL_METRICS]
     if "ou" in families and is_tofu(splits):
@@ -133,22 +149,24 @@ _COMBINE: dict[str, Callable[[Sequence[float]], float]] = {
 
 def aggregate_from_records(
     records_by_split: Mapping[str, Sequence[dict]],
+    roles: Mapping[str, SplitRole],
     cfg: EvalConfig,
     retain_reference_tr: Sequence[float] | None = None,
 ) -> dict[str, float | None]:
-    """Every knowledge metric from the per-example records, without the model.
+    """Every knowledge metric from the per-example records and the splits' roles, without the model.
 
     An aggregate with a null input is null; with `allow_partial_aggregates` it is also computed over
     the available inputs and stored under `<key>_partial` (see `aggregate_components`).
     """
     splits = list(records_by_split)
+    check_roles(splits, roles)
     out: dict[str, float | None] = {}
     if "cl" in cfg.families:
         for split, rows in records_by_split.items():
-            out.update(_cl_split(split, rows))
+            out.update(_cl_split(split, rows, roles[split]))
     if "ou" in cfg.families and is_tofu(splits):
         out.update(_ou_metrics(records_by_split, cfg, retain_reference_tr))
-    for key, comps in aggregate_components(splits, cfg.families).items():
+    for key, comps in aggregate_components(splits, roles, cfg.families).items():
         values = [out[c] for c in comps]
         available = [v for v in values if v is not None]
         out[key] = _COMBINE[key](values) if len(available) == len(values) else None
@@ -157,11 +175,11 @@ def aggregate_from_records(
     return out
 
 
-def describe_aggregates(metrics: Mapping[str, float | None], splits: Sequence[str],
+def describe_aggregates(metrics: Mapping[str, float | None], roles: Mapping[str, SplitRole],
                         families: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Which inputs each aggregate includes, and the key its value is stored under."""
     described = {}
-    for key, comps in aggregate_components(splits, families).items():
+    for key, comps in aggregate_components(list(roles), roles, families).items():
         included = [c for c in comps if metrics.get(c) is not None]
         stored = None
         if metrics.get(key) is not None:
@@ -181,6 +199,16 @@ def read_knowledge_records(out_dir: Path, splits: Sequence[str] | None = None) -
     if splits is None:
         splits = sorted(p.name.split(".")[1] for p in out_dir.glob(RECORD_FILE.format(split="*")))
     return {s: read_jsonl(out_dir / RECORD_FILE.format(split=s)) for s in splits}
+
+
+def read_split_roles(out_dir: Path) -> dict[str, SplitRole]:
+    """The roles `evaluate_knowledge` recorded in a run directory's `knowledge.json` (`notes.roles`)."""
+    path = Path(out_dir) / SUMMARY_FILE
+    try:
+        roles = json.loads(path.read_text(encoding="utf-8"))["notes"]["roles"]
+        return {split: SplitRole(role) for split, role in roles.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: no readable split roles (notes.roles): {type(err).__name__}: {err}") from None
 
 
 def read_forget_truth_ratios(path: Path) -> list[float]:

@@ -7,6 +7,9 @@ from unierase.config import ConfigError, check
 
 FAMILIES = ("cl", "ou", "ut")  # knowledge (closer-look, open-unlearning) and general ability
 UTILITY_BENCHMARKS = ("mmlu", "triviaqa", "gsm8k", "humaneval")  # = benchmarks.utility.LOADERS
+MMLU_PROTOCOLS = ("loglik", "generate")  # lm-evaluation-harness's scoring | the paper's generated sentence
+MMLU_FORMATS = ("letters", "continuation")  # lm-eval's `mmlu` and `mmlu_continuation` tasks
+BENCHMARK_NAMES = ("tofu", "real_world")  # = benchmarks.BENCHMARKS
 
 
 def _no_repeats(values: list[str], name: str) -> None:
@@ -25,6 +28,11 @@ class UtilityConfig:
     gsm8k_fraction: float = 1.0
     humaneval_fraction: float = 1.0
     max_new_tokens: int = 512
+    # loglik: per-choice log-probability, lm-eval's 0-shot conventions (docs/metrics.md, UT-1); generate: the
+    # paper's protocol (greedy answer, "The correct answer is X"), for parity with its numbers.
+    mmlu_protocol: str = "loglik"
+    mmlu_format: str = "letters"  # loglik only: score " A".." D" (letters) or the option texts (continuation)
+    loglik_chat_template: bool = False  # loglik only: raw text as lm-eval's default, or inside the chat template
     triviaqa_match: str = "project"  # project | reference
     gsm8k_parse: str = "project"  # project | reference
     humaneval_timeout_s: float = 3.0
@@ -32,7 +40,8 @@ class UtilityConfig:
 
     def __post_init__(self) -> None:
         check(self, choices={"benchmarks": UTILITY_BENCHMARKS, "triviaqa_match": ("project", "reference"),
-                             "gsm8k_parse": ("project", "reference")},
+                             "gsm8k_parse": ("project", "reference"), "mmlu_protocol": MMLU_PROTOCOLS,
+                             "mmlu_format": MMLU_FORMATS},
               between={f"{bench}_fraction": (0.0, 1.0) for bench in UTILITY_BENCHMARKS},
               at_least={"max_new_tokens": 1}, positive=("humaneval_timeout_s",))
         _no_repeats(self.benchmarks, "benchmarks")
@@ -52,6 +61,8 @@ class EvalConfig:
     name: str = "full"
     families: list[str] = field(default_factory=lambda: ["cl", "ou", "ut"])
     max_rows: int | None = None  # per split, ou included; None = full split (docs/metrics.md, Conventions)
+    # The benchmarks whose splits max_rows caps; None = all. closer-look caps TOFU (ds_size 300), not real-world.
+    max_rows_benchmarks: list[str] | None = None
     generation: bool = True  # off: only the teacher-forced metrics (prob, truth ratio, ES, EM)
     cl_max_length: int = 200  # cl generation budget, prompt included (closer-look's value)
     ou_max_new_tokens: int = 200
@@ -67,10 +78,16 @@ class EvalConfig:
     utility: UtilityConfig = field(default_factory=lambda: UtilityConfig())
 
     def __post_init__(self) -> None:
-        check(self, choices={"families": FAMILIES},
+        check(self, choices={"families": FAMILIES, "max_rows_benchmarks": BENCHMARK_NAMES},
               at_least={"max_rows": 1, "cl_max_length": 2, "ou_max_new_tokens": 1, "nll_max_length": 2,
                         "batch_size": 1},
               between={"refusal_threshold": (0.0, 1.0)}, seeds=("seed",))
         if not self.families:
             raise ConfigError("families", f"must list at least one of {' | '.join(FAMILIES)}")
         _no_repeats(self.families, "families")
+
+    def row_cap(self, benchmark: str) -> int | None:
+        """The row cap of every split of `benchmark` (None: full splits)."""
+        if self.max_rows_benchmarks is not None and benchmark not in self.max_rows_benchmarks:
+            return None
+        return self.max_rows

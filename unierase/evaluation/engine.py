@@ -32,7 +32,7 @@ def autocast(model: PreTrainedModel, dtype: torch.dtype | None) -> contextlib.Ab
     return torch.autocast(model.device.type, dtype=dtype)
 
 
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices in batches of similar length (longest first, so memory problems show at once)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), batch_size):
@@ -108,7 +108,7 @@ def generate_ids(
     results: list[list[int]] = [[] for _ in prompts]
     todo = [i for i in range(len(prompts)) if budgets[i] > 0]
     with autocast(model, autocast_dtype):
-        for batch in _length_sorted_batches([len(encoded[i]) for i in todo], batch_size):
+        for batch in length_sorted_batches([len(encoded[i]) for i in todo], batch_size):
             rows = [todo[j] for j in batch]
             steps = max(budgets[i] for i in rows)
             for i, ids in zip(rows, _greedy_batch(model, [encoded[i] for i in rows], steps,
@@ -184,7 +184,7 @@ def answer_nll(
     results: list[AnswerNLL | None] = [None] * len(seqs)
     dev = model.device
     with autocast(model, autocast_dtype):
-        for batch in _length_sorted_batches([len(ids) for ids, _ in seqs], batch_size):
+        for batch in length_sorted_batches([len(ids) for ids, _ in seqs], batch_size):
             input_ids, mask = pad_rows([seqs[i][0] for i in batch], tokenizer.pad_token_id, device=dev)
             labels, _ = pad_rows([seqs[i][1] for i in batch], IGNORE_INDEX, device=dev)
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()

@@ -10,7 +10,10 @@ Project decisions recorded in each run's `knowledge.json`:
   share ONE greedy generation per row. Greedy decoding makes a shorter budget a prefix of a longer
   one, so the cl text (cl_max_length total tokens) and the ou text (ou_max_new_tokens new tokens)
   are both cut from that single generation;
-- `eval.max_rows` caps every split, ou's included.
+- `eval.max_rows` caps every split, ou's included (of the benchmarks `eval.max_rows_benchmarks` names, or all).
+
+Every split comes with its role (`SplitRole`: forget-like, utility, other), declared where the split is
+made; the aggregates read the roles, which `knowledge.json` records (`notes.roles`).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from unierase.evaluation.aggregate import (
     RECORD_FILE,
     SUMMARY_FILE,
     aggregate_from_records,
+    check_roles,
     describe_aggregates,
     forget_truth_ratios,
     is_tofu,
@@ -46,7 +50,7 @@ from unierase.evaluation.engine import (
 )
 from unierase.io import atomic_write_json, atomic_write_jsonl
 from unierase.models import ModelConfig, autocast_dtype, chat_prompt
-from unierase.records import QA, Benchmark
+from unierase.records import QA, Benchmark, EvalSplit, SplitRole
 
 # ------------------------------------------------------------------------------ evaluation
 
@@ -54,6 +58,7 @@ from unierase.records import QA, Benchmark
 @dataclass
 class _Row:
     split: str
+    role: SplitRole
     qa: QA
     prompt: str
     record: dict[str, Any]
@@ -66,9 +71,9 @@ def _correct_answer(qa: QA) -> tuple[str, str]:
 
 
 def _nli_pair(row: _Row, generation: str, tofu: bool) -> tuple[str, str]:
-    """(premise, hypothesis) as docs/metrics.md, CL-6 defines it: generation → answer on TOFU forget and on
-    both real-world splits; reference → generation on the other TOFU splits."""
-    if row.split == "forget" or not tofu:
+    """(premise, hypothesis) as docs/metrics.md, CL-6 defines it: generation → answer on TOFU forget-like
+    splits and on both real-world splits; reference → generation on the other TOFU splits."""
+    if row.role is SplitRole.FORGET or not tofu:
         return generation, row.qa.answer
     return row.qa.cosine_reference or row.qa.answer, generation
 
@@ -158,12 +163,14 @@ def evaluate_knowledge(
     model_cfg: ModelConfig,
     out_dir: Path,
     retain_reference_tr: Sequence[float] | None = None,
-    forget_splits: Mapping[str, Sequence[QA]] | None = None,
+    forget_splits: Mapping[str, EvalSplit] | None = None,
 ) -> dict[str, float | None]:
-    """Score the forget split and `benchmark.eval_splits`; write per-example records and return the metrics.
+    """Score the forget split and `benchmark.eval_splits` (role utility); write per-example records and
+    return the metrics.
 
-    `forget_splits` replaces `{"forget": benchmark.forget}`: a sequential round adds the cumulative
-    "forgotten" set, a precise request the item's "siblings"; each is scored like a forget split.
+    `forget_splits` replaces `{"forget": EvalSplit(FORGET, benchmark.forget)}` with the setting's own
+    splits and roles: a sequential round adds the cumulative "forgotten" set, a precise request the
+    item's "siblings", both forget-like.
 
     Files in out_dir: `knowledge.<split>.jsonl` (records), `knowledge.forget_truth_ratios.json`
     (per-example ou tr, reusable as another run's `retain_reference_tr`), `knowledge.json` (metrics,
@@ -171,11 +178,14 @@ def evaluate_knowledge(
     `retain_reference_tr` (a retain-reference model's forget tr) is given.
     """
     out_dir = Path(out_dir)
-    splits = {**(forget_splits or {"forget": benchmark.forget}), **benchmark.eval_splits}
+    splits = {**(forget_splits or {"forget": EvalSplit(SplitRole.FORGET, benchmark.forget)}),
+              **benchmark.utility_splits()}
+    roles = {name: split.role for name, split in splits.items()}
+    check_roles(list(splits), roles)
     rows = [
-        _Row(split, qa, chat_prompt(tokenizer, qa.question, model_cfg),
+        _Row(name, split.role, qa, chat_prompt(tokenizer, qa.question, model_cfg),
              {"uid": qa.uid, "question": qa.question, "answer": qa.answer})
-        for split, qas in splits.items() for qa in qas[: cfg.max_rows]
+        for name, split in splits.items() for qa in split.rows[: cfg.row_cap(benchmark.name)]
     ]
     tofu = is_tofu(list(splits))
     run_cl, run_ou = "cl" in cfg.families, "ou" in cfg.families and tofu
@@ -184,6 +194,7 @@ def evaluate_knowledge(
                     "chat template (prompt presets unified in this project); the cl text is cut at "
                     f"{cfg.cl_max_length} total tokens, the ou text at {cfg.ou_max_new_tokens} new tokens",
         "rows": {s: sum(r.split == s for r in rows) for s in splits},
+        "roles": {name: role.value for name, role in roles.items()},
         "null_reasons": {},
     }
     if "ou" in cfg.families and not tofu:
@@ -204,12 +215,12 @@ def evaluate_knowledge(
     atomic_write_json(out_dir / FORGET_TR_FILE,
                       {"uids": [r["uid"] for r in forget], "ou_tr": forget_truth_ratios(forget)})
     # The returned values come from the written files, the same path a later re-analysis takes.
-    metrics = aggregate_from_records(read_knowledge_records(out_dir, list(splits)), cfg, retain_reference_tr)
+    metrics = aggregate_from_records(read_knowledge_records(out_dir, list(splits)), roles, cfg, retain_reference_tr)
     if run_ou:
         if retain_reference_tr is None:
             notes["null_reasons"]["ou.forget_quality"] = "no retain-reference truth ratios given"
         notes["null_reasons"]["ou.privleak"] = "needs a TOFU holdout split (not in the data folder)"
-    notes["aggregates"] = describe_aggregates(metrics, list(splits), cfg.families)
+    notes["aggregates"] = describe_aggregates(metrics, roles, cfg.families)
     atomic_write_json(out_dir / SUMMARY_FILE,
                       {"metrics": metrics, "notes": notes, "config": dataclasses.asdict(cfg)})
     return metrics

@@ -167,9 +167,34 @@ def exact_memorization(predictions: Sequence[int], labels: Sequence[int]) -> flo
     return float(np.mean(_values(np.asarray(predictions) == np.asarray(labels))))
 
 
+# ---------------------------------------------------------------- UT accuracy and its standard error
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """lm-evaluation-harness's `mean_stderr`: sample standard deviation (n − 1) / sqrt(n); for 0/1 values
+    sqrt(p(1 − p)/(n − 1)). None below two values, where it is undefined."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return None
+    return float(v.std(ddof=1) / math.sqrt(v.size))
+
+
+def choice_predictions(logprobs: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
+    """(pred, pred_norm) of lm-eval's multiple_choice scoring: the argmax of the summed continuation
+    log-probs, and of those divided by each choice's length in characters (`acc_norm`; the first maximum wins)."""
+    lls = _values(logprobs)
+    lengths = np.asarray([float(len(c)) for c in choices])
+    if lengths.size != lls.size or np.any(lengths == 0):
+        raise ValueError("one non-empty choice per log-prob")
+    return int(np.argmax(lls)), int(np.argmax(lls / lengths))
+
+
 # ---------------------------------------------------------------- UT-1 MMLU
 
 _MMLU_RE = re.compile(r"The correct answer is ([A-D])")
+# A reply that opens with an option label: "B", "B.", "(B)", "B)", "B:" (SmolLM2 writes "B. mutualism.");
+# not "A dog ...", where "A" is an article.
+_MMLU_LEAD_RE = re.compile(r"\s*\(?([A-D])(?:[.):]|\s*$)")
 
 
 def mmlu_extract(response: str) -> str | None:
@@ -181,6 +206,15 @@ def mmlu_extract(response: str) -> str | None:
 def mmlu_correct(response: str, gold_letter: str) -> bool:
     """True iff the extracted letter equals the gold letter (no match is wrong)."""
     return mmlu_extract(response) == gold_letter
+
+
+def mmlu_extract_lenient(response: str) -> str | None:
+    """The strict letter, else the option label the reply opens with, or None."""
+    strict = mmlu_extract(response)
+    if strict is not None:
+        return strict
+    lead = _MMLU_LEAD_RE.match(response)
+    return lead.group(1) if lead else None
 
 
 # ---------------------------------------------------------------- UT-2 TriviaQA
@@ -224,6 +258,14 @@ def triviaqa_correct(response: str, aliases: Sequence[str], match: str = "projec
     raise ValueError(f"unknown match rule {match!r}")
 
 
+def triviaqa_correct_lenient(response: str, aliases: Sequence[str]) -> bool:
+    """Lenient: some normalised alias appears, as whole words, in the normalised first non-empty line of
+    the response (no answer phrase needed; later lines, where a model lists guesses, do not count)."""
+    line = next((ln for ln in response.splitlines() if ln.strip()), "")
+    text = f" {normalize_answer(line)} "
+    return any(f" {alias} " in text for alias in map(normalize_answer, aliases) if alias)
+
+
 # ---------------------------------------------------------------- UT-3 GSM8K
 
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
@@ -263,6 +305,32 @@ def gsm8k_correct(response: str, gold_answer_field: str, parse: str = "project")
         return False
 
 
+# lm-eval's gsm8k "flexible-extract" filter, and the cleanup its exact_match applies to both sides.
+_FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_EM_IGNORE = (re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$"))
+
+
+def _em_clean(text: str) -> str:
+    for pattern in _EM_IGNORE:
+        text = pattern.sub("", text)
+    return text.strip().lower()
+
+
+def gsm8k_extract_lenient(response: str) -> str | None:
+    """lm-eval's flexible-extract: the last number-like match anywhere in the response (None if none)."""
+    found = _FLEXIBLE_RE.findall(response)
+    if not found:
+        return None
+    return next(group for group in found[-1] if group).strip()
+
+
+def gsm8k_correct_lenient(response: str, gold_answer_field: str) -> bool:
+    """flexible-extract + lm-eval's exact_match: prediction and gold text equal once ",", "$", everything
+    up to "#### " and one trailing "." are removed (a string match, so "18.0" is not "18")."""
+    pred = gsm8k_extract_lenient(response)
+    return pred is not None and _em_clean(pred) == _em_clean(gold_answer_field)
+
+
 # ---------------------------------------------------------------- UT-4 HumanEval
 
 # Opening fence with optional language tag, up to the closing fence (or the end).
@@ -279,6 +347,15 @@ def humaneval_extract(response: str) -> str | None:
     # so a body-only answer on the following lines keeps its indentation.
     code = fenced.group(1) if fenced else code.lstrip(" \t")
     return code.strip("\n").rstrip()
+
+
+def humaneval_extract_lenient(response: str) -> str:
+    """Lenient: the strict extraction, else the first fenced block, else the whole response."""
+    strict = humaneval_extract(response)
+    if strict is not None:
+        return strict
+    fenced = _FENCE_RE.search(response)
+    return (fenced.group(1) if fenced else response).strip("\n").rstrip()
 
 
 def humaneval_passes(code: str, test: str, entry_point: str, timeout_s: float = 3.0) -> bool:

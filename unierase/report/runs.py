@@ -52,10 +52,11 @@ METRIC_COLUMNS: tuple[Column, ...] = (
     Column("forget_truth_ratio", "Forget TR", "cl.forget.truth_ratio"),
     Column("ou_forget_quality", "OU Forget Quality", "ou.forget_quality"),
     Column("ou_model_utility", "OU Model Utility", "ou.model_utility"),
-    Column("mmlu", "MMLU", "ut.mmlu.acc"),
-    Column("triviaqa", "TriviaQA", "ut.triviaqa.acc"),
-    Column("gsm8k", "GSM8K", "ut.gsm8k.acc"),
-    Column("humaneval", "HumanEval", "ut.humaneval.acc"),
+    # Each general-ability accuracy with its standard error: CPU subsets are small (conf/eval/fast.yaml).
+    *(column for bench, header in (("mmlu", "MMLU"), ("triviaqa", "TriviaQA"), ("gsm8k", "GSM8K"),
+                                   ("humaneval", "HumanEval"))
+      for column in (Column(bench, header, f"ut.{bench}.acc"),
+                     Column(f"{bench}_stderr", f"{header} SE", f"ut.{bench}.acc_stderr"))),
     Column("edited_fraction", "Edited Fraction", "unierase.edited_fraction"),
     Column("wall_time_s", "Wall Time (s)", "time.total_s", decimals=0),
 )
