@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from unierase.evaluation.config import UTILITY_BENCHMARKS
-from unierase.evaluation.metrics import gsm8k_gold
+from unierase.evaluation.utility_metrics import gsm8k_gold
 from unierase.io import DataError, read_jsonl, read_text
 from unierase.records import UtilityItem
 

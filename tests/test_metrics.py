@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from unierase.evaluation import metrics as m
+from unierase.evaluation import utility_metrics as um
 
 E = math.e
 TIGHT = dict(abs=1e-5)
@@ -149,17 +150,17 @@ def test_extraction_strength_and_em():
 
 
 def test_mmlu():
-    assert m.mmlu_correct("Because of X. The correct answer is B.", "B")
-    assert m.mmlu_correct("The correct answer is A. On reflection, The correct answer is C.", "C")
-    assert not m.mmlu_correct("Answer: B", "B")
-    assert m.mmlu_extract("the correct answer is B") is None  # case-sensitive
+    assert um.mmlu_correct("Because of X. The correct answer is B.", "B")
+    assert um.mmlu_correct("The correct answer is A. On reflection, The correct answer is C.", "C")
+    assert not um.mmlu_correct("Answer: B", "B")
+    assert um.mmlu_extract("the correct answer is B") is None  # case-sensitive
 
 
 def test_mmlu_lenient_reads_a_leading_option_label():
-    assert m.mmlu_extract_lenient("B. mutualism.") == "B"  # what SmolLM2 writes; the strict rule gives None
-    assert m.mmlu_extract_lenient("(C) 42") == "C" and m.mmlu_extract_lenient(" D") == "D"
-    assert m.mmlu_extract_lenient("A dog barks.") is None  # an article, not an option
-    assert m.mmlu_extract_lenient("B. no. The correct answer is C.") == "C"  # the strict phrase wins
+    assert um.mmlu_extract_lenient("B. mutualism.") == "B"  # what SmolLM2 writes; the strict rule gives None
+    assert um.mmlu_extract_lenient("(C) 42") == "C" and um.mmlu_extract_lenient(" D") == "D"
+    assert um.mmlu_extract_lenient("A dog barks.") is None  # an article, not an option
+    assert um.mmlu_extract_lenient("B. no. The correct answer is C.") == "C"  # the strict phrase wins
 
 
 # ---------------------------------------------------------------- lm-evaluation-harness definitions (UT)
@@ -167,20 +168,20 @@ def test_mmlu_lenient_reads_a_leading_option_label():
 
 def test_mean_stderr_is_lm_evals():
     # lm_eval.api.metrics.mean_stderr = sample_stddev / sqrt(n); for 0/1 values sqrt(p(1 − p)/(n − 1)).
-    assert m.mean_stderr([1, 0, 0, 1]) == pytest.approx(math.sqrt(1 / 3) / 2, **TIGHT)  # 0.28868
-    assert m.mean_stderr([1] * 3 + [0] * 7) == pytest.approx(math.sqrt(0.3 * 0.7 / 9), **TIGHT)  # 0.15275
-    assert m.mean_stderr([1, 1, 1]) == 0.0
-    assert m.mean_stderr([1]) is None and m.mean_stderr([]) is None
+    assert um.mean_stderr([1, 0, 0, 1]) == pytest.approx(math.sqrt(1 / 3) / 2, **TIGHT)  # 0.28868
+    assert um.mean_stderr([1] * 3 + [0] * 7) == pytest.approx(math.sqrt(0.3 * 0.7 / 9), **TIGHT)  # 0.15275
+    assert um.mean_stderr([1, 1, 1]) == 0.0
+    assert um.mean_stderr([1]) is None and um.mean_stderr([]) is None
 
 
 def test_choice_predictions_acc_and_acc_norm():
     # lm-eval's multiple_choice: pred = argmax(lls); pred_norm = argmax(lls / len(choice)) in characters.
     lls = [-10.0, -12.0, -9.5, -20.0]
-    assert m.choice_predictions(lls, ["Paris", "the city of Lyon", "Rome", "a"]) == (2, 1)  # -2, -0.75, -2.375, -20
-    assert m.choice_predictions(lls, ["A", "B", "C", "D"]) == (2, 2)  # letters: acc_norm is acc
-    assert m.choice_predictions([-1.0, -1.0], ["x", "y"]) == (0, 0)  # ties: the first maximum
+    assert um.choice_predictions(lls, ["Paris", "the city of Lyon", "Rome", "a"]) == (2, 1)  # -2, -0.75, -2.375, -20
+    assert um.choice_predictions(lls, ["A", "B", "C", "D"]) == (2, 2)  # letters: acc_norm is acc
+    assert um.choice_predictions([-1.0, -1.0], ["x", "y"]) == (0, 0)  # ties: the first maximum
     with pytest.raises(ValueError):
-        m.choice_predictions([-1.0], ["x", "y"])
+        um.choice_predictions([-1.0], ["x", "y"])
 
 
 GSM_LENIENT = [  # response, gold field, lm-eval flexible-extract + exact_match
@@ -195,48 +196,48 @@ GSM_LENIENT = [  # response, gold field, lm-eval flexible-extract + exact_match
 
 @pytest.mark.parametrize("response, gold, correct", GSM_LENIENT)
 def test_gsm8k_lenient_is_flexible_extract(response, gold, correct):
-    assert m.gsm8k_correct_lenient(response, gold) is correct
+    assert um.gsm8k_correct_lenient(response, gold) is correct
 
 
 def test_gsm8k_flexible_extract_matches():
-    assert m.gsm8k_extract_lenient("a -12 b 7") == "7"
-    assert m.gsm8k_extract_lenient("It is -1,234.") == "-1,234."
-    assert m.gsm8k_extract_lenient("none") is None
+    assert um.gsm8k_extract_lenient("a -12 b 7") == "7"
+    assert um.gsm8k_extract_lenient("It is -1,234.") == "-1,234."
+    assert um.gsm8k_extract_lenient("none") is None
 
 
 def test_triviaqa_lenient_reads_the_first_line():
     burke = ["Kathy Burke", "Katherine Lucy Bridget Burke"]
-    assert m.triviaqa_correct_lenient("\nKathy Burke played Valerie.\nMore text.", burke)
-    assert not m.triviaqa_correct_lenient("Some actress.\nKathy Burke", burke)  # later lines do not count
-    assert not m.triviaqa_correct_lenient("Parisian food", ["Paris"])  # whole words
-    assert m.triviaqa_correct_lenient("It is the Onions!", ONION)
+    assert um.triviaqa_correct_lenient("\nKathy Burke played Valerie.\nMore text.", burke)
+    assert not um.triviaqa_correct_lenient("Some actress.\nKathy Burke", burke)  # later lines do not count
+    assert not um.triviaqa_correct_lenient("Parisian food", ["Paris"])  # whole words
+    assert um.triviaqa_correct_lenient("It is the Onions!", ONION)
 
 
 def test_humaneval_lenient_extraction():
-    assert m.humaneval_extract_lenient("Code: def f(): return 1") == "def f(): return 1"  # strict first
-    assert m.humaneval_extract_lenient("Here:\n```python\ndef f():\n    return 1\n```") == "def f():\n    return 1"
-    assert m.humaneval_extract_lenient("    return 1\n") == "    return 1"
+    assert um.humaneval_extract_lenient("Code: def f(): return 1") == "def f(): return 1"  # strict first
+    assert um.humaneval_extract_lenient("Here:\n```python\ndef f():\n    return 1\n```") == "def f():\n    return 1"
+    assert um.humaneval_extract_lenient("    return 1\n") == "    return 1"
 
 
 ONION = ["Onion skins", "Onion", "Bulb onion", "Onions"]
 
 
 def test_triviaqa_project_and_reference():
-    assert m.triviaqa_correct("The correct answer is onions.", ONION)
-    assert m.triviaqa_correct("The correct answer is a red onion.", ONION)
-    assert not m.triviaqa_correct("The correct answer is .", ONION)
-    assert m.triviaqa_correct("The correct answer is .", ONION, match="reference", answer="Onion")
-    assert m.triviaqa_correct("The correct answer is onions.", ONION, match="reference", answer="Onion")
-    assert not m.triviaqa_correct("The correct answer is garlic.", ONION)
-    assert not m.triviaqa_correct("The correct answer is garlic.", ONION, match="reference", answer="Onion")
+    assert um.triviaqa_correct("The correct answer is onions.", ONION)
+    assert um.triviaqa_correct("The correct answer is a red onion.", ONION)
+    assert not um.triviaqa_correct("The correct answer is .", ONION)
+    assert um.triviaqa_correct("The correct answer is .", ONION, match="reference", answer="Onion")
+    assert um.triviaqa_correct("The correct answer is onions.", ONION, match="reference", answer="Onion")
+    assert not um.triviaqa_correct("The correct answer is garlic.", ONION)
+    assert not um.triviaqa_correct("The correct answer is garlic.", ONION, match="reference", answer="Onion")
     with pytest.raises(ValueError):
-        m.triviaqa_correct("The correct answer is onions.", ONION, match="reference")
+        um.triviaqa_correct("The correct answer is onions.", ONION, match="reference")
 
 
 def test_triviaqa_extraction_and_normalisation():
-    assert m.triviaqa_extract("Hmm.\nThe correct answer is St. Louis.\nDone.") == "St. Louis"
-    assert m.triviaqa_extract("  Paris. ") == "Paris"  # no phrase: the whole response
-    assert m.normalize_answer("  The  Beatles'  ") == "beatles"
+    assert um.triviaqa_extract("Hmm.\nThe correct answer is St. Louis.\nDone.") == "St. Louis"
+    assert um.triviaqa_extract("  Paris. ") == "Paris"  # no phrase: the whole response
+    assert um.normalize_answer("  The  Beatles'  ") == "beatles"
 
 
 GSM_CASES = [  # response, gold field, project verdict, reference verdict
@@ -250,45 +251,45 @@ GSM_CASES = [  # response, gold field, project verdict, reference verdict
 
 @pytest.mark.parametrize("response, gold, project, reference", GSM_CASES)
 def test_gsm8k_both_modes(response, gold, project, reference):
-    assert m.gsm8k_correct(response, gold) is project
-    assert m.gsm8k_correct(response, gold, parse="reference") is reference
+    assert um.gsm8k_correct(response, gold) is project
+    assert um.gsm8k_correct(response, gold, parse="reference") is reference
 
 
 def test_gsm8k_gold_and_extract():
-    assert m.gsm8k_gold("a\n#### 1,018") == 1018.0
-    assert m.gsm8k_gold("#### -5") == -5.0
-    assert m.gsm8k_extract("We get 3. The final answer is 18.0") == 18.0
-    assert m.gsm8k_extract("The final answer is 18.0", parse="reference") == 0
+    assert um.gsm8k_gold("a\n#### 1,018") == 1018.0
+    assert um.gsm8k_gold("#### -5") == -5.0
+    assert um.gsm8k_extract("We get 3. The final answer is 18.0") == 18.0
+    assert um.gsm8k_extract("The final answer is 18.0", parse="reference") == 0
 
 
 ADD_TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n"
 
 
 def test_humaneval_mock_item():
-    good = m.humaneval_extract("Code: def add(a, b): return a + b")
+    good = um.humaneval_extract("Code: def add(a, b): return a + b")
     assert good == "def add(a, b): return a + b"
-    assert m.humaneval_passes(good, ADD_TEST, "add")
-    assert not m.humaneval_passes(m.humaneval_extract("Code: def add(a, b): return a - b"), ADD_TEST, "add")
-    assert m.humaneval_extract("Here it is") is None
+    assert um.humaneval_passes(good, ADD_TEST, "add")
+    assert not um.humaneval_passes(um.humaneval_extract("Code: def add(a, b): return a - b"), ADD_TEST, "add")
+    assert um.humaneval_extract("Here it is") is None
 
 
 def test_humaneval_fences_and_real_item():
     fenced = "Sure.\nCode:\n```python\ndef add(a, b):\n    return a + b\n```\nHope this helps."
-    assert m.humaneval_extract(fenced) == "def add(a, b):\n    return a + b"
-    assert m.humaneval_extract("Code:\n    return a + b\n") == "    return a + b"  # body keeps indentation
+    assert um.humaneval_extract(fenced) == "def add(a, b):\n    return a + b"
+    assert um.humaneval_extract("Code:\n    return a + b\n") == "    return a + b"  # body keeps indentation
     path = Path(__file__).resolve().parents[2] / "shared/data/utility/human_eval.jsonl"
     if not path.exists():
         pytest.skip("shared HumanEval data not present")
     item = json.loads(path.read_text().splitlines()[0])
     code = item["prompt"] + item["canonical_solution"]
-    assert m.humaneval_passes(code, item["test"], item["entry_point"])
-    assert not m.humaneval_passes(item["prompt"] + "    return None\n", item["test"], item["entry_point"])
+    assert um.humaneval_passes(code, item["test"], item["entry_point"])
+    assert not um.humaneval_passes(item["prompt"] + "    return None\n", item["test"], item["entry_point"])
 
 
 def test_humaneval_hard_exit_and_infinite_loop():
-    assert not m.humaneval_passes("import os\nos._exit(3)", ADD_TEST, "add")  # the reference counted this as a pass
+    assert not um.humaneval_passes("import os\nos._exit(3)", ADD_TEST, "add")  # the reference counted this as a pass
     start = time.monotonic()
-    assert not m.humaneval_passes("def add(a, b):\n    while True:\n        pass", ADD_TEST, "add", timeout_s=1.0)
+    assert not um.humaneval_passes("def add(a, b):\n    while True:\n        pass", ADD_TEST, "add", timeout_s=1.0)
     assert time.monotonic() - start < 10
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from unierase.evaluation import metrics as m
 from unierase.evaluation import sandbox
+from unierase.evaluation import utility_metrics as um
 from unierase.evaluation.sandbox import cleanup, runner
 
 ADD_TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n"
@@ -78,8 +78,8 @@ def test_correct_passes_wrong_fails_and_layers_reported():
     assert result.layers["audit_hook"] is True and "RLIMIT_AS" in result.layers["rlimits"]
     assert not os.path.exists(result.workdir)
     assert not sandbox.run_python(program("def add(a, b):\n    return a - b\n")).completed
-    assert m.humaneval_passes(GOOD, ADD_TEST, "add")
-    assert not m.humaneval_passes("def add(a, b):\n    return a - b\n", ADD_TEST, "add")
+    assert um.humaneval_passes(GOOD, ADD_TEST, "add")
+    assert not um.humaneval_passes("def add(a, b):\n    return a - b\n", ADD_TEST, "add")
 
 
 def test_child_bootstrap_is_self_contained():
@@ -102,7 +102,7 @@ def test_ordinary_solutions_still_work():
 def test_exit_zero_before_the_harness_reports_is_a_failure(exit_call: str):
     result = sandbox.run_python(program(GOOD + exit_call))
     assert not result.completed and result.started
-    assert not m.humaneval_passes(GOOD + exit_call, ADD_TEST, "add")
+    assert not um.humaneval_passes(GOOD + exit_call, ADD_TEST, "add")
 
 
 def test_write_outside_the_work_dir_is_contained(guards: bool, tmp_path: Path):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel
 
-from unierase.evaluation import metrics as m
+from unierase.evaluation import utility_metrics as um
 from unierase.evaluation.config import EvalConfig, UtilityConfig
 from unierase.evaluation.engine import RefusalDetector, generate, load_encoder
 from unierase.evaluation.loglik import continuation_logprobs
@@ -76,7 +76,7 @@ def _mmlu_loglik_records(model: PreTrainedModel, tokenizer: Any, items: Sequence
         own = scores[start : start + len(choices)]
         start += len(choices)
         gold = LETTERS.index(item.gold["answer"])
-        pred, pred_norm = m.choice_predictions([s.logprob for s in own], choices)
+        pred, pred_norm = um.choice_predictions([s.logprob for s in own], choices)
         records.append({
             "uid": item.uid, "choices": choices, "logprobs": [s.logprob for s in own],
             "n_tokens_choice": [s.n_tokens for s in own], "is_greedy": [s.is_greedy for s in own],
@@ -93,24 +93,24 @@ def _score(bench: str, item: UtilityItem, response: str, cfg: UtilityConfig) -> 
     """Per-item correctness under the protocol's rule and the lenient extraction (and HumanEval's code)."""
     gold = item.gold
     if bench == "mmlu":
-        return {"correct": m.mmlu_correct(response, gold["answer"]),
-                "correct_lenient": m.mmlu_extract_lenient(response) == gold["answer"]}
+        return {"correct": um.mmlu_correct(response, gold["answer"]),
+                "correct_lenient": um.mmlu_extract_lenient(response) == gold["answer"]}
     if bench == "triviaqa":
-        return {"correct": m.triviaqa_correct(response, gold["aliases"], match=cfg.triviaqa_match,
+        return {"correct": um.triviaqa_correct(response, gold["aliases"], match=cfg.triviaqa_match,
                                               answer=gold["answer"]),
-                "correct_lenient": m.triviaqa_correct_lenient(response, gold["aliases"])}
+                "correct_lenient": um.triviaqa_correct_lenient(response, gold["aliases"])}
     if bench == "gsm8k":
-        return {"correct": m.gsm8k_correct(response, gold["answer"], parse=cfg.gsm8k_parse),
-                "correct_lenient": m.gsm8k_correct_lenient(response, gold["answer"])}
+        return {"correct": um.gsm8k_correct(response, gold["answer"], parse=cfg.gsm8k_parse),
+                "correct_lenient": um.gsm8k_correct_lenient(response, gold["answer"])}
     entry = gold["entry_point"]
 
     def passes(code: str | None) -> bool:
-        return code is not None and m.humaneval_passes(code, gold["test"], entry, cfg.humaneval_timeout_s)
+        return code is not None and um.humaneval_passes(code, gold["test"], entry, cfg.humaneval_timeout_s)
 
-    code = m.humaneval_extract(response)
+    code = um.humaneval_extract(response)
     if code is not None and cfg.humaneval_prepend_prompt and f"def {entry}" not in code:
         code = gold["prompt"] + code
-    lenient = m.humaneval_extract_lenient(response)
+    lenient = um.humaneval_extract_lenient(response)
     if f"def {entry}" not in lenient:
         lenient = gold["prompt"] + lenient
     passed = passes(code)
@@ -153,7 +153,7 @@ def aggregate_utility_from_records(records_by_bench: Mapping[str, Sequence[dict]
             if field == "correct" or (rows and field in rows[0]):
                 values = [r[field] for r in rows]
                 out[f"ut.{bench}.{name}"] = mean(values)
-                out[f"ut.{bench}.{name}_stderr"] = m.mean_stderr(values)
+                out[f"ut.{bench}.{name}_stderr"] = um.mean_stderr(values)
         out[f"ut.{bench}.refusal_rate"] = mean([r.get("refusal") for r in rows])
         out[f"ut.{bench}.mean_len"] = mean([r.get("n_tokens") for r in rows])
     return out
