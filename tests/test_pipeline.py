@@ -54,6 +54,30 @@ def test_batch_baseline_writes_the_run_directory(tmp_path, data_dir):
     assert versions["packages"]["torch"] and versions["device"] == "cpu"
 
 
+def test_reuse_unlearned_rescored_with_another_eval_trains_nothing(tmp_path, data_dir, monkeypatch):
+    """setting.reuse_unlearned: a second job that differs only in `eval` loads the cached model; one that
+    differs in the method trains again."""
+    from baselines.method import FinetuneUnlearner
+
+    cache = isolated_cache(tmp_path)
+    job = ["method=ga_gd", "benchmark.retain_authors=1", "setting.reuse_unlearned=true"]
+    first, first_dir = run_job(tmp_path, job, cache, "first")
+    assert "reused_unlearned" not in first
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached unlearned model should have been reused")
+
+    monkeypatch.setattr(FinetuneUnlearner, "unlearn", no_training)
+    again, again_dir = run_job(tmp_path, job + ["eval.max_rows=3"], cache, "again")
+    assert Path(again["reused_unlearned"]).parent == cache / "unlearned"
+    assert again["time.unlearn_s"] == first["time.unlearn_s"]
+    weights = [load_file(d / "model" / "model.safetensors") for d in (first_dir, again_dir)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert len((again_dir / "eval/knowledge.forget.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(AssertionError, match="should have been reused"):
+        run_job(tmp_path, job + ["recipe.lr=2e-5"], cache, "other_method")
+
+
 @pytest.mark.slow
 def test_target_built_in_a_child_process_equals_one_built_here(tmp_path, data_dir):
     """target.build_in_subprocess: the job's target comes from a spawned process, and is the same model."""

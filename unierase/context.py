@@ -19,5 +19,7 @@ class RunContext:
     seed: int
     # Hash of what determines the results (config, data, code version): a resumable setting keys its state by it.
     results_key: str
+    # results_key without the evaluation config: what determines the unlearned model (`setting.reuse_unlearned`).
+    unlearned_key: str = ""
     loggers: list[Logger] = field(default_factory=list)
     model_id: str = ""  # identity of the model being unlearned (the target), for cache keys

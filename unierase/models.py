@@ -167,6 +167,14 @@ def load_saved(directory: Path, like: PreTrainedModel | None = None) -> PreTrain
     return model.to(device()).eval()
 
 
+def load_tokenizer(directory: Path) -> Any:
+    """The tokenizer `save_model` wrote next to the weights (added tokens and pad token included)."""
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def copy_model(model: PreTrainedModel) -> PreTrainedModel:
     """An independent copy (a frozen reference model, or a fresh start for a precise request)."""
     return copy.deepcopy(model).eval()

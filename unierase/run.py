@@ -109,6 +109,8 @@ def model_references(job: Job, target, tokenizer, benchmark: Benchmark) -> Bench
 def stage_unlearn(job: Job) -> dict:
     benchmark, setting = job.checked.benchmark, job.checked.setting
     job.ctx.results_key = results_key(job.cfg, benchmark)
+    job.ctx.unlearned_key = results_key(job.cfg, benchmark, also_ignored=("eval", "optimized_metric",
+                                                                          "objective_constraint"))
     method = METHODS[job.cfg.method.kind][1](job.checked.method)
     with_reference = "ou" in job.checked.eval.families
     job.targets.build_missing_in_children(benchmark, with_reference)
@@ -134,13 +136,15 @@ def stage_eval(job: Job) -> dict:
 STAGE_FUNCTIONS = {"finetune": stage_finetune, "unlearn": stage_unlearn, "eval": stage_eval}
 # Config nodes that never change a result: where files go, how progress is logged, how training is spread.
 NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags")
+NOT_RESULT_SETTING_KEYS = ("fail_after_round", "reuse_unlearned")
 
 
-def results_key(cfg: DictConfig, benchmark: Benchmark | None) -> str:
-    """Hash of what determines a job's results: the config minus what does not change them, every record
-    of the benchmark (so another data folder is another job), and the code version."""
-    relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in NOT_RESULT_KEYS}
-    relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k != "fail_after_round"}
+def results_key(cfg: DictConfig, benchmark: Benchmark | None, also_ignored: tuple[str, ...] = ()) -> str:
+    """Hash of what determines a job's results: the config minus what does not change them (and minus
+    `also_ignored`), every record of the benchmark (so another data folder is another job), and the code version."""
+    ignored = NOT_RESULT_KEYS + also_ignored
+    relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in ignored}
+    relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k not in NOT_RESULT_SETTING_KEYS}
     data = None if benchmark is None else stable_hash(asdict(benchmark), 32)
     return stable_hash({"config": relevant, "data": data, "version": version("unierase")})
 

@@ -25,7 +25,7 @@ from unierase.context import RunContext
 from unierase.io import atomic_dir, atomic_write_json
 from unierase.loggers import log_metrics
 from unierase.method import Unlearner
-from unierase.models import copy_model, save_model
+from unierase.models import copy_model, load_saved, load_tokenizer, save_model
 from unierase.records import QA, Benchmark, EvalSplit, SplitRole
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ class SettingConfig:
     rounds: int | None = None  # sequential: run the first n rounds (None = all)
     item_ids: list[int] = field(default_factory=lambda: [1])  # precise: forget-split row indices
     fail_after_round: int | None = None  # sequential: raise after this round (tests resumability)
+    # batch: keep the unlearned model in the cache, keyed by everything but the evaluation config, and reuse it;
+    # re-scoring a sweep with another `eval` then costs no training. Off by default: the key holds the package
+    # version, not uncommitted code edits.
+    reuse_unlearned: bool = False
 
     def __post_init__(self) -> None:
         # Bounds that need the benchmark (item_ids < forget rows, rounds <= its rounds): unierase/validate.py.
@@ -57,13 +61,26 @@ class SettingConfig:
             raise ConfigError("item_ids", f"lists row(s) {repeated} more than once")
 
 
+def _unlearned_dir(ctx: RunContext) -> Path:
+    return ctx.cache_dir / "unlearned" / ctx.unlearned_key
+
+
 def run_batch(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchmark: Benchmark,
               ctx: RunContext, evaluate: Evaluator, cfg: SettingConfig) -> dict[str, Any]:
-    start = time.perf_counter()
-    model = method.prepare(model, tokenizer, benchmark.forget, benchmark, ctx)
-    model = method.unlearn(model, tokenizer, benchmark.forget, benchmark, ctx)
-    seconds = time.perf_counter() - start
-    metrics = {"time.unlearn_s": seconds, **method.metrics(model)}
+    cached = _unlearned_dir(ctx)
+    if cfg.reuse_unlearned and (cached / "unlearn.json").is_file():
+        model, tokenizer = load_saved(cached / "model", like=model), load_tokenizer(cached / "model")
+        metrics = json.loads((cached / "unlearn.json").read_text()) | {"reused_unlearned": str(cached)}
+        log.info("reusing the unlearned model in %s", cached)
+    else:
+        start = time.perf_counter()
+        model = method.prepare(model, tokenizer, benchmark.forget, benchmark, ctx)
+        model = method.unlearn(model, tokenizer, benchmark.forget, benchmark, ctx)
+        metrics = {"time.unlearn_s": time.perf_counter() - start, **method.metrics(model)}
+        if cfg.reuse_unlearned:
+            with atomic_dir(cached) as tmp:
+                save_model(model, tokenizer, tmp / "model")
+                atomic_write_json(tmp / "unlearn.json", metrics)
     # Saved before evaluation, so a failing evaluation never loses it (`stage=eval` on it finishes the job).
     save_model(model, tokenizer, ctx.run_dir / "model")
     metrics.update(evaluate(model, tokenizer, {"forget": forget_like(benchmark.forget)}, ctx.run_dir / "eval"))
