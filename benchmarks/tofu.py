@@ -18,6 +18,7 @@ SPLIT_SIZES = {"forget01": 40, "forget05": 200, "forget10": 400}
 AUTHOR_ROWS = 20
 RETAIN_AUTHORS = 180  # retain90.jsonl: authors 0..179
 RETAIN_EVAL_AUTHORS = 20  # retain_perturbed.jsonl: authors 0..19
+GENERIC_FIRST_AUTHOR = 160  # the last 400 retain90 rows (authors 160..179) give the generic questions
 REFUSAL_LINES = 100  # idontknow.txt
 REFUSAL_POOLS = ("idontknow_100", "reference_99")
 # preset -> (the continual file whose tasks are the rounds, number of rounds)
@@ -43,15 +44,31 @@ class TofuConfig:
     subject_table: str = "forget10_subject"  # or forget01_subject (they differ on 16 rows)
     refusal_pool: str = "idontknow_100"  # or reference_99
     sequential_preset: str = "tofu_seq_10x40"
+    # Membership-inference non-members (audit): retain90 authors the target never learns, outside the evaluated
+    # retain authors (0..19) and the generic-question block (160..179). Empty when the target learns them.
+    holdout_authors: int = 2
+    holdout_first_author: int = 100
 
     def __post_init__(self) -> None:
         check(self, choices={"source": ("local", "hub"), "split": SPLIT_SIZES, "known_forget": SPLIT_SIZES,
                              "subject_table": ("forget10_subject", "forget01_subject"),
                              "refusal_pool": REFUSAL_POOLS, "sequential_preset": SEQUENTIAL_PRESETS},
-              between={"retain_authors": (1, RETAIN_AUTHORS)})
+              between={"retain_authors": (1, RETAIN_AUTHORS), "holdout_authors": (0, 40)})
         if SPLIT_SIZES[self.known_forget] < SPLIT_SIZES[self.split]:
             raise ConfigError("known_forget", f"must contain the split (split={self.split}, "
                               f"known_forget={self.known_forget}; forget01 < forget05 < forget10)")
+        first, end = self.holdout_first_author, self.holdout_first_author + self.holdout_authors
+        if first < RETAIN_EVAL_AUTHORS or end > GENERIC_FIRST_AUTHOR:
+            raise ConfigError("holdout_first_author", f"holdout authors {first}..{end - 1} must lie within "
+                              f"{RETAIN_EVAL_AUTHORS}..{GENERIC_FIRST_AUTHOR - 1} (outside the evaluated retain "
+                              "authors and the generic questions)")
+
+    def holdout_range(self) -> range:
+        """The holdout's retain90 author indices; empty when the target learns any of them."""
+        learned = RETAIN_AUTHORS if self.retain_authors is None else self.retain_authors
+        if learned > self.holdout_first_author:
+            return range(0)
+        return range(self.holdout_first_author, self.holdout_first_author + self.holdout_authors)
 
 
 def refusal_pool(data_dir: Path, variant: str, expected: int | None = REFUSAL_LINES) -> list[str]:
@@ -157,7 +174,9 @@ def load_tofu(cfg: TofuConfig) -> Benchmark:
     forget = forget_rows(tofu_dir, cfg.split, subjects, tasks=files[cfg.split])
     known = forget_rows(tofu_dir, cfg.known_forget, subjects, tasks=files[cfg.known_forget])
     retain_file = "retain90.jsonl"
-    retain_known = _retain_rows(tofu_dir, retain_file, cfg.retain_authors, RETAIN_AUTHORS)
+    all_retain = _retain_rows(tofu_dir, retain_file, None, RETAIN_AUTHORS)
+    retain_known = all_retain[: None if cfg.retain_authors is None else cfg.retain_authors * AUTHOR_ROWS]
+    holdout = cfg.holdout_range()
     forget_keys = {(qa.question, qa.answer) for qa in forget}
     target_train = known + retain_known
     retain_eval_authors = None if cfg.retain_authors is None else min(cfg.retain_authors, RETAIN_EVAL_AUTHORS)
@@ -179,5 +198,6 @@ def load_tofu(cfg: TofuConfig) -> Benchmark:
         target_train=target_train,
         rounds=rounds,
         refusals=refusal_pool(data_dir, cfg.refusal_pool, REFUSAL_LINES if cfg.source == "local" else None),
-        generic_questions=[qa.question for qa in _retain_rows(tofu_dir, retain_file, None, RETAIN_AUTHORS)[-400:]],
+        generic_questions=[qa.question for qa in all_retain[GENERIC_FIRST_AUTHOR * AUTHOR_ROWS:]],
+        holdout=all_retain[holdout.start * AUTHOR_ROWS: holdout.stop * AUTHOR_ROWS],
     )

@@ -56,7 +56,8 @@ class Benchmark:
     forget: the split being unlearned; retain_train: what regularisers and the retain-reference
     model see (everything the target knows minus the forget split); eval_splits: the non-forget
     evaluation splits, all of them knowledge to keep (role utility, `utility_splits`); rounds: the
-    sequential setting's requests, in order.
+    sequential setting's requests, in order; holdout: QA of the benchmark's kind the target never saw,
+    the non-members of membership inference (empty when the benchmark has none).
     """
 
     name: str
@@ -67,6 +68,7 @@ class Benchmark:
     rounds: list[list[QA]] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     generic_questions: list[str] = field(default_factory=list)
+    holdout: list[QA] = field(default_factory=list)  # authors the target never learns (membership-inference)
 
     def utility_splits(self) -> dict[str, EvalSplit]:
         """`eval_splits` with their role: what the target knows and unlearning must keep."""

@@ -109,14 +109,13 @@ def model_references(job: Job, target, tokenizer, benchmark: Benchmark) -> Bench
 def stage_unlearn(job: Job) -> dict:
     benchmark, setting = job.checked.benchmark, job.checked.setting
     job.ctx.results_key = results_key(job.cfg, benchmark)
-    job.ctx.unlearned_key = results_key(job.cfg, benchmark, also_ignored=("eval", "optimized_metric",
-                                                                          "objective_constraint"))
     method = METHODS[job.cfg.method.kind][1](job.checked.method)
     with_reference = "ou" in job.checked.eval.families
     job.targets.build_missing_in_children(benchmark, with_reference)
     base, tokenizer = job.load_base()
     target, job.ctx.model_id = job.targets.target(base, tokenizer, benchmark)
     benchmark = model_references(job, target, tokenizer, benchmark)
+    job.ctx.unlearned_key = unlearned_key(job.cfg, benchmark, job.ctx.model_id)
     retain_tr = retain_reference_truth_ratios(job, base, tokenizer, benchmark) if with_reference else None
     evaluate = make_evaluator(job, benchmark, retain_tr)
     metrics = SETTINGS[setting.name](method, target, tokenizer, benchmark, job.ctx, evaluate, setting)
@@ -139,14 +138,25 @@ NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags")
 NOT_RESULT_SETTING_KEYS = ("fail_after_round", "reuse_unlearned")
 
 
-def results_key(cfg: DictConfig, benchmark: Benchmark | None, also_ignored: tuple[str, ...] = ()) -> str:
-    """Hash of what determines a job's results: the config minus what does not change them (and minus
-    `also_ignored`), every record of the benchmark (so another data folder is another job), and the code version."""
-    ignored = NOT_RESULT_KEYS + also_ignored
-    relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in ignored}
+def results_key(cfg: DictConfig, benchmark: Benchmark | None) -> str:
+    """Hash of what determines a job's results: the config minus what does not change them, every record
+    of the benchmark (so another data folder is another job), and the code version."""
+    relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in NOT_RESULT_KEYS}
     relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k not in NOT_RESULT_SETTING_KEYS}
     data = None if benchmark is None else stable_hash(asdict(benchmark), 32)
     return stable_hash({"config": relevant, "data": data, "version": version("unierase")})
+
+
+def unlearned_key(cfg: DictConfig, benchmark: Benchmark, target_id: str) -> str:
+    """Hash of what determines a batch job's unlearned model (`setting.reuse_unlearned`): the method, recipe,
+    setting and seed, the target model's identity, every benchmark record a method may read (not the
+    evaluation-only `eval_splits` and `holdout`) and the code version; not the evaluation config."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    setting = {k: v for k, v in container["setting"].items() if k not in NOT_RESULT_SETTING_KEYS}
+    rows = {k: v for k, v in asdict(benchmark).items() if k not in ("eval_splits", "holdout")}
+    return stable_hash({"method": container["method"], "recipe": container["recipe"], "setting": setting,
+                        "seed": cfg.seed, "target": target_id, "rows": stable_hash(rows, 32),
+                        "version": version("unierase")})
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
