@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -17,15 +18,16 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from benchmarks.real_world import with_answers
 from unierase.config import typed
 from unierase.context import RunContext
 from unierase.evaluation.aggregate import read_forget_truth_ratios
+from unierase.evaluation.audit import AuditReferences, reference_audit, run_audit
 from unierase.evaluation.knowledge import evaluate_knowledge
 from unierase.evaluation.utility import evaluate_utility
-from unierase.io import atomic_write_json, stable_hash
+from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.loggers import finish, log_metrics, make_loggers
 from unierase.models import base_identity, load_model
 from unierase.objective import ObjectiveConstraint, objective_value
@@ -63,7 +65,8 @@ def stage_finetune(job: Job) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def make_evaluator(job: Job, benchmark: Benchmark, retain_reference_tr: list[float] | None) -> Evaluator:
+def make_evaluator(job: Job, benchmark: Benchmark, retain_reference_tr: list[float] | None,
+                   audit_references: AuditReferences | None = None) -> Evaluator:
     eval_cfg, utility_items = job.checked.eval, job.checked.utility
 
     def evaluate(model, tokenizer, forget_splits: dict[str, EvalSplit], out_dir: Path) -> dict:
@@ -75,6 +78,10 @@ def make_evaluator(job: Job, benchmark: Benchmark, retain_reference_tr: list[flo
         if utility_items:
             metrics |= evaluate_utility(model, tokenizer, utility_items, eval_cfg, job.ctx.model_cfg, out_dir,
                                         benchmark.refusals)
+        if "audit" in eval_cfg.families:
+            metrics |= run_audit(model, tokenizer, benchmark, forget_splits["forget"].rows, eval_cfg,
+                                 job.ctx.model_cfg, job.ctx.trainer_cfg, out_dir,
+                                 audit_references or AuditReferences())
         return metrics | {"time.eval_s": time.perf_counter() - start}
 
     return evaluate
@@ -97,6 +104,30 @@ def retain_reference_truth_ratios(job: Job, base, tokenizer, benchmark: Benchmar
     return read_forget_truth_ratios(out_dir)
 
 
+def audit_references(job: Job, base, target, tokenizer, benchmark: Benchmark) -> AuditReferences:
+    """What the audit compares with (`AuditReferences`), computed before the method changes the target and
+    cached under the target's identity, the audit config and the rows it scores."""
+    cfg = job.checked.eval
+    forget = benchmark.forget[: cfg.row_cap(benchmark.name)]
+    rows = [qa.uid for qa in forget + benchmark.holdout] + [qa.uid for split in benchmark.eval_splits.values()
+                                                            for qa in split]
+    key = stable_hash({"target": job.ctx.model_id, "audit": asdict(cfg.audit), "rows": rows,
+                       "nll_max_length": cfg.nll_max_length, "model": asdict(job.ctx.model_cfg),
+                       "version": version("unierase")}, 16)
+    directory = job.ctx.cache_dir / "audit" / f"references-{key}"
+    vocabulary = set(tokenizer.get_vocab())
+    if not (directory / "references.json").is_file():
+        built = job.targets.retain_reference(base, tokenizer, benchmark) if benchmark.holdout else None
+        with atomic_dir(directory) as tmp:
+            found = reference_audit(target, base, built[0] if built else None, tokenizer, benchmark, forget, cfg,
+                                    job.ctx.model_cfg, job.ctx.trainer_cfg, tmp)
+            atomic_write_json(tmp / "references.json", found)
+    else:
+        log.info("audit references: cache hit %s", directory)
+    found = json.loads((directory / "references.json").read_text())
+    return AuditReferences(vocabulary=vocabulary, **found)
+
+
 def model_references(job: Job, target, tokenizer, benchmark: Benchmark) -> Benchmark:
     """With `benchmark.regenerate_answers` (real-world), score against the target's own answers."""
     if not job.cfg.benchmark.get("regenerate_answers", False):
@@ -117,7 +148,8 @@ def stage_unlearn(job: Job) -> dict:
     benchmark = model_references(job, target, tokenizer, benchmark)
     job.ctx.unlearned_key = unlearned_key(job.cfg, benchmark, job.ctx.model_id)
     retain_tr = retain_reference_truth_ratios(job, base, tokenizer, benchmark) if with_reference else None
-    evaluate = make_evaluator(job, benchmark, retain_tr)
+    audit = audit_references(job, base, target, tokenizer, benchmark) if "audit" in job.checked.eval.families else None
+    evaluate = make_evaluator(job, benchmark, retain_tr, audit)
     metrics = SETTINGS[setting.name](method, target, tokenizer, benchmark, job.ctx, evaluate, setting)
     log_metrics(job.ctx.loggers, metrics)
     return metrics
@@ -126,7 +158,9 @@ def stage_unlearn(job: Job) -> dict:
 def stage_eval(job: Job) -> dict:
     base, tokenizer = job.load_base()
     benchmark = job.checked.benchmark
-    evaluate = make_evaluator(job, benchmark, None)
+    reference = job.checked.eval.audit.reference_tokenizer
+    vocabulary = set(AutoTokenizer.from_pretrained(reference).get_vocab()) if reference else None
+    evaluate = make_evaluator(job, benchmark, None, AuditReferences(vocabulary=vocabulary))
     metrics = evaluate(base, tokenizer, {"forget": forget_like(benchmark.forget)}, job.ctx.run_dir / "eval")
     log_metrics(job.ctx.loggers, metrics)
     return metrics

@@ -61,8 +61,9 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
 
 @torch.no_grad()
 def _greedy_batch(model: PreTrainedModel, rows: list[list[int]], steps: int, pad_id: int,
-                  stop: torch.Tensor) -> list[list[int]]:
-    """Greedy continuation of left-padded rows with a KV cache; stops when every row hit a stop id."""
+                  stop: torch.Tensor, banned: torch.Tensor | None = None) -> list[list[int]]:
+    """Greedy continuation of left-padded rows with a KV cache; stops when every row hit a stop id.
+    `banned` ids are never chosen (their logits are −inf)."""
     dev = model.device
     tokens, mask = pad_rows(rows, pad_id, left=True, device=dev)
     # Left padding shifts the sequence, so positions must count real tokens only.
@@ -74,7 +75,10 @@ def _greedy_batch(model: PreTrainedModel, rows: list[list[int]], steps: int, pad
         out = model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                     use_cache=True, logits_to_keep=1, **{cache_name: cache})
         cache = getattr(out, cache_name)
-        next_ids = out.logits[:, -1].float().argmax(-1)
+        logits = out.logits[:, -1].float()
+        if banned is not None:
+            logits[:, banned] = float("-inf")
+        next_ids = logits.argmax(-1)
         generated.append(next_ids)
         finished |= torch.isin(next_ids, stop)
         if finished.all():
@@ -94,8 +98,10 @@ def generate_ids(
     *,
     autocast_dtype: torch.dtype | None = None,
     stop_ids: Sequence[int] | None = None,
+    banned_ids: Sequence[int] = (),
 ) -> list[list[int]]:
-    """Greedy new-token ids per prompt (input order), cut before the first stop id and at its budget.
+    """Greedy new-token ids per prompt (input order), cut before the first stop id and at its budget;
+    `banned_ids` are never generated (the audit's special-token suppression).
 
     Row i's result does not depend on the other rows of its batch, so a shorter budget gives a
     prefix of a longer one: one generation can serve several budgets.
@@ -105,6 +111,7 @@ def generate_ids(
     encoded = prompt_ids(tokenizer, prompts)
     stops = list(stop_ids) if stop_ids is not None else end_of_turn_ids(tokenizer)
     stop = torch.tensor(stops, device=model.device)
+    banned = torch.tensor(list(banned_ids), dtype=torch.long, device=model.device) if banned_ids else None
     results: list[list[int]] = [[] for _ in prompts]
     todo = [i for i in range(len(prompts)) if budgets[i] > 0]
     with autocast(model, autocast_dtype):
@@ -112,7 +119,7 @@ def generate_ids(
             rows = [todo[j] for j in batch]
             steps = max(budgets[i] for i in rows)
             for i, ids in zip(rows, _greedy_batch(model, [encoded[i] for i in rows], steps,
-                                                  tokenizer.pad_token_id, stop)):
+                                                  tokenizer.pad_token_id, stop, banned)):
                 cut = next((k for k, t in enumerate(ids) if t in stops), len(ids))
                 results[i] = ids[: min(cut, budgets[i])]
     return results
@@ -154,7 +161,7 @@ class AnswerNLL(NamedTuple):
     label_ids: list[int]  # answer tokens + one turn-end token (truncation may cut them)
 
 
-def _qa_sequence(tokenizer: Any, prompt: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
+def qa_sequence(tokenizer: Any, prompt: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) with −100 on the prompt; prompt and answer are tokenised separately so the
     label boundary is exact, the same as training's `encode_qa`."""
     p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -180,7 +187,7 @@ def answer_nll(
     """Teacher-forced NLL of each answer given its prompt (input order); prompt + answer ≤ max_length."""
     if len(prompts) != len(answers):
         raise ValueError("one answer per prompt")
-    seqs = [_qa_sequence(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
+    seqs = [qa_sequence(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
     results: list[AnswerNLL | None] = [None] * len(seqs)
     dev = model.device
     with autocast(model, autocast_dtype):
