@@ -145,7 +145,7 @@ def test_evaluate_knowledge_records_reproduce_metrics(tmp_path, varied, data_dir
         metrics[k] for k in ("ou.retain_Q_A_Prob", "ou.retain_Q_A_ROUGE", "ou.retain_Truth_Ratio",
                              "ou.ra_Q_A_Prob_normalised", "ou.ra_Q_A_ROUGE", "ou.ra_Truth_Ratio",
                              "ou.wf_Q_A_Prob_normalised", "ou.wf_Q_A_ROUGE", "ou.wf_Truth_Ratio")]))
-    assert metrics["ou.forget_quality"] is None and metrics["ou.privleak"] is None
+    assert metrics["ou.forget_quality"] is None and "ou.privleak" not in metrics  # privleak: audit.mia.privleak
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert "nli_model is null" in summary["notes"]["null_reasons"]["entailment"]
     fe = summary["notes"]["aggregates"]["cl.forget_efficacy"]

@@ -100,7 +100,6 @@ def _ou_metrics(records: Mapping[str, Sequence[dict]], cfg: EvalConfig,
     out["ou.exact_memorization"] = _mean([m.exact_memorization(r["argmax_ids"], r["label_ids"]) for r in forget])
     out["ou.forget_quality"] = (None if retain_reference_tr is None
                                 else m.forget_quality(forget_truth_ratios(forget), retain_reference_tr))
-    out["ou.privleak"] = None  # needs a TOFU holdout split, which the data folder lacks
     return out
 
 

@@ -219,7 +219,6 @@ def evaluate_knowledge(
     if run_ou:
         if retain_reference_tr is None:
             notes["null_reasons"]["ou.forget_quality"] = "no retain-reference truth ratios given"
-        notes["null_reasons"]["ou.privleak"] = "needs a TOFU holdout split (not in the data folder)"
     notes["aggregates"] = describe_aggregates(metrics, roles, cfg.families)
     atomic_write_json(out_dir / SUMMARY_FILE,
                       {"metrics": metrics, "notes": notes, "config": dataclasses.asdict(cfg)})
