@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from unierase.report import load_runs, main, plot_fe_vs_mu, plot_sequential
+from unierase.report import load_runs, main, plot_audit, plot_fe_vs_mu, plot_sequential
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
@@ -62,9 +62,11 @@ def test_no_run_dirs_is_an_error(tmp_path):
 
 
 def _write_run(run_dir: Path, seed: int, fe: float, mu: float, data_dir: str = "/data/shared", l2: float = 1.0,
-               launched_from: str | None = None, rounds: list[dict] | None = None) -> None:
+               launched_from: str | None = None, rounds: list[dict] | None = None,
+               metrics: dict[str, float | None] | None = None) -> None:
     """A run directory of `unierase experiment=demo method=unierase_cpu` (abridged), with what varies between
-    runs that differ only in the seed: where the cache and logs go, tags, the progress bar."""
+    runs that differ only in the seed: where the cache and logs go, tags, the progress bar; `metrics` are
+    written beside FE and MU."""
     config = {
         "paths": {"data_dir": data_dir, "cache_dir": f"/cache/{run_dir.name}"},
         "model": {"name": "smollm2_135m"},
@@ -79,7 +81,8 @@ def _write_run(run_dir: Path, seed: int, fe: float, mu: float, data_dir: str = "
     }
     run_dir.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(config), run_dir / "config_resolved.yaml")
-    (run_dir / "metrics.json").write_text(json.dumps({"cl.forget_efficacy": fe, "cl.model_utility": mu}))
+    (run_dir / "metrics.json").write_text(json.dumps({"cl.forget_efficacy": fe, "cl.model_utility": mu,
+                                                      **(metrics or {})}))
     if rounds is not None:
         (run_dir / "rounds.json").write_text(json.dumps(rounds))
     if launched_from is not None:
@@ -95,13 +98,24 @@ def _report(root: Path, out: Path) -> tuple[str, list[dict[str, str]]]:
         return markdown, list(csv.DictReader(handle))
 
 
-def _markdown_rows(markdown: str) -> list[dict[str, str]]:
-    header, _rule, *rows = [line for line in markdown.splitlines() if line.startswith("|")]
+def _markdown_tables(markdown: str) -> list[list[dict[str, str]]]:
+    """Each table's rows, header -> cell."""
+    blocks: list[list[str]] = [[]]
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
 
     def cells(line: str) -> list[str]:
         return [cell.strip() for cell in line.strip("|").split("|")]
 
-    return [dict(zip(cells(header), cells(row))) for row in rows]
+    return [[dict(zip(cells(header), cells(row))) for row in rows]
+            for header, _rule, *rows in (block for block in blocks if block)]
+
+
+def _markdown_rows(markdown: str) -> list[dict[str, str]]:
+    return _markdown_tables(markdown)[0]
 
 
 def test_other_data_folder_and_same_seed_are_never_averaged(tmp_path):
@@ -182,6 +196,77 @@ def test_relative_data_folder_resolves_against_the_launch_directory(tmp_path):
     by_dir = {Path(r["run_dir"]).name: r for r in rows}
     assert by_dir["main_seed0"]["config"] == by_dir["main_seed1"]["config"] != by_dir["other_checkout"]["config"]
     assert by_dir["other_checkout"]["config_diff"] == "benchmark.data_dir=paths.data_dir=/b/shared/data"
+
+
+AUDIT = {"audit.plain.forget_rouge": 0.05, "audit.plain_suppressed.forget_rouge": 0.41234,
+         "audit.quant4.forget_rouge": None, "audit.relearn.forget_rouge": 0.6, "audit.worst.forget_rouge": 0.6,
+         "audit.plain.retain_rouge": 0.7, "audit.mia.min_k_auc": 0.81, "audit.mia.privleak": -37.54,
+         "audit.suppression.banned_tokens": 2.0}
+ATTACK_TITLE = "### Robustness: forget ROUGE-L recall under attack (lower = still forgotten)"
+MEMBERSHIP_TITLE = "### Robustness: retain cost and membership inference"
+
+
+def test_audit_metrics_get_tables_of_their_own(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root / "audited", 0, 0.8, 0.4, metrics=AUDIT)
+    _write_run(root / "not_audited", 0, 0.6, 0.5, l2=10.0)
+    markdown, rows = _report(root, tmp_path / "out")
+
+    main_table, attacks, membership = _markdown_tables(markdown)
+    assert len(main_table) == 2
+    assert markdown.index(ATTACK_TITLE) < markdown.index(MEMBERSHIP_TITLE)
+    # Only the audited run is listed; nulls and absent keys show as dashes.
+    ((attack_row,), (membership_row,)) = attacks, membership
+    assert attack_row["Config"] == membership_row["Config"] == main_table[0]["Config"]
+    assert (attack_row["Plain"], attack_row["Plain +S"], attack_row["4-bit"], attack_row["Relearn after"],
+            attack_row["Worst"], attack_row["Paraphrase"]) == ("0.050", "0.412", "–", "0.600", "0.600", "–")
+    assert (membership_row["Retain plain"], membership_row["Min-K AUC"], membership_row["Privleak"],
+            membership_row["Banned tokens"], membership_row["Loss AUC"]) == ("0.700", "0.810", "-37.5", "2", "–")
+    assert markdown.count("+S = the method's added tokens banned from decoding.") == 2
+    assert "0.5 = indistinguishable" in markdown and "≈ 0 is ideal" in markdown
+
+    header = list(rows[0])
+    assert header.index("wall_time_s") + 1 == header.index("audit_plain_forget_rouge")
+    assert header.index("audit_suppression_banned_tokens") + 1 == header.index("forget_efficacy_is_partial")
+    audited, not_audited = sorted(rows, key=lambda r: r["run_dir"])
+    assert (audited["audit_plain_forget_rouge"], audited["audit_plain_suppressed_forget_rouge"],
+            audited["audit_quant4_forget_rouge"], audited["audit_mia_privleak"],
+            audited["audit_suppression_banned_tokens"]) == ("0.050", "0.412", "", "-37.5", "2")
+    assert not any(value for key, value in not_audited.items() if key.startswith("audit_"))
+    assert (tmp_path / "out" / "t_audit.png").stat().st_size > 0
+
+    main([str(RUNS), "--out", str(tmp_path / "no_audit"), "--name", "t"])
+    assert not (tmp_path / "no_audit" / "t_audit.png").exists()
+
+
+def test_membership_only_audit_has_no_attack_table_or_heatmap(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root / "mia", 0, 0.8, 0.4, metrics={"audit.mia.loss_auc": 0.55, "audit.plain.forget_rouge": None})
+    markdown, rows = _report(root, tmp_path / "out")
+
+    assert ATTACK_TITLE not in markdown and MEMBERSHIP_TITLE in markdown
+    assert _markdown_tables(markdown)[1][0]["Loss AUC"] == "0.550"
+    assert (rows[0]["audit_mia_loss_auc"], rows[0]["audit_plain_forget_rouge"]) == ("0.550", "")
+    assert not (tmp_path / "out" / "t_audit.png").exists()
+
+
+def test_audit_heatmap_averages_seeds(tmp_path):
+    root = tmp_path / "runs"
+    for seed, plain, quant8 in ((0, 0.2, 0.5), (1, 0.4, None)):
+        _write_run(root / f"seed{seed}", seed, 0.8, 0.4,
+                   metrics={"audit.plain.forget_rouge": plain, "audit.quant8.forget_rouge": quant8})
+    _write_run(root / "not_audited", 0, 0.6, 0.5, l2=10.0)
+    heatmap = plot_audit(load_runs([root]), tmp_path / "audit.png")
+
+    config = next(r.config for r in load_runs([root]) if r.path.name == "seed0")
+    assert heatmap.labels == [f"unierase_cpu [method.edit.L2=1.0] #{config} (n=2)"]
+    assert heatmap.columns[:2] == ["Plain", "Paraphrase"] and len(heatmap.columns) == 18
+    (row,) = heatmap.values
+    # Each cell is the mean over the seeds that have it; a value no seed has stays blank.
+    quant8 = heatmap.columns.index("8-bit")
+    assert row[0] == pytest.approx(0.3) and row[quant8] == 0.5
+    assert all(value is None for i, value in enumerate(row) if i not in (0, quant8))
+    assert (tmp_path / "audit.png").stat().st_size > 0
 
 
 def test_wandb_offline_logger(tmp_path, monkeypatch):

@@ -2,26 +2,29 @@
 
 A run directory is any directory holding both `metrics.json` and `config_resolved.yaml` (single runs
 under `outputs/runs/`, sweep jobs under `outputs/multiruns/`). Writes `<out>/<name>.md`, `<name>.csv`,
-`<name>_fe_vs_mu.png` and, when a run has `rounds.json`, `<name>_sequential.png`; prints the Markdown.
+`<name>_fe_vs_mu.png`, `<name>_sequential.png` when a run has `rounds.json`, and `<name>_audit.png` when a run
+has forget ROUGE under an audit attack; prints the Markdown.
 
 Runs are grouped by their configuration: the resolved config without the seed and without the keys that
 cannot change results (IGNORED_KEYS). The table lists every run, with its configuration's short hash and the
 settings that tell it from the other configurations of the same method, benchmark, split, setting and model;
-the plots average the runs of one configuration over seeds, and never average two runs with the same seed.
+the robustness audit's metrics (`audit.*`) of the runs that have them follow in tables of their own. The plots
+average the runs of one configuration over seeds, and never average two runs with the same seed.
 
 Where each part lives:
 
-  runs.py      finding and loading run directories: the Run record, its columns, its settings
+  runs.py      finding and loading run directories: the Run record, its columns and audit column groups, its settings
   grouping.py  configurations: the key (settings less the seed), what tells configurations apart, load_runs
   tables.py    the Markdown and CSV tables
-  plots.py     the FE-vs-MU and sequential (per round) plots, averaged over seeds
+  plots.py     the FE-vs-MU, sequential (per round) and audit (heatmap) plots, averaged over seeds
   cli.py       write_report and `unierase-table` (main)
 """
 from unierase.report.cli import main, write_report
 from unierase.report.grouping import group_runs, load_runs, same_seed_runs
-from unierase.report.plots import plot_fe_vs_mu, plot_sequential, plot_units
+from unierase.report.plots import plot_audit, plot_fe_vs_mu, plot_sequential, plot_units
 from unierase.report.runs import IGNORED_KEYS, Run, find_run_dirs, load_run
 from unierase.report.tables import render_csv, render_markdown
 
-__all__ = ["IGNORED_KEYS", "Run", "find_run_dirs", "group_runs", "load_run", "load_runs", "main", "plot_fe_vs_mu",
-           "plot_sequential", "plot_units", "render_csv", "render_markdown", "same_seed_runs", "write_report"]
+__all__ = ["IGNORED_KEYS", "Run", "find_run_dirs", "group_runs", "load_run", "load_runs", "main", "plot_audit",
+           "plot_fe_vs_mu", "plot_sequential", "plot_units", "render_csv", "render_markdown", "same_seed_runs",
+           "write_report"]

@@ -1,7 +1,7 @@
 """`unierase-table PATH [PATH...] [--out DIR] [--name NAME]`: the report over the runs under PATH.
 
-Writes `<out>/<name>.md`, `<name>.csv`, `<name>_fe_vs_mu.png` and, when a run has `rounds.json`,
-`<name>_sequential.png`; prints the Markdown.
+Writes `<out>/<name>.md`, `<name>.csv`, `<name>_fe_vs_mu.png`, `<name>_sequential.png` when a run has
+`rounds.json`, and `<name>_audit.png` when a run has forget ROUGE under an audit attack; prints the Markdown.
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 from unierase.io import atomic_write_text
 from unierase.report.grouping import load_runs
-from unierase.report.plots import plot_fe_vs_mu, plot_sequential
+from unierase.report.plots import plot_audit, plot_fe_vs_mu, plot_sequential
+from unierase.report.runs import ATTACK_GROUP, any_value
 from unierase.report.tables import render_csv, render_markdown
 
 
@@ -24,6 +25,8 @@ def write_report(paths: list[Path], out: Path, name: str) -> str:
     plot_fe_vs_mu(runs, out / f"{name}_fe_vs_mu.png")
     if any(r.rounds for r in runs):
         plot_sequential(runs, out / f"{name}_sequential.png")
+    if any_value(runs, ATTACK_GROUP.columns):  # what plot_audit draws: a membership-only audit has no heatmap
+        plot_audit(runs, out / f"{name}_audit.png")
     return markdown
 
 

@@ -1,4 +1,5 @@
-"""The report's plots: forget efficacy vs model utility, and ROUGE per round of a sequential run.
+"""The report's plots: forget efficacy vs model utility, ROUGE per round of a sequential run, and forget ROUGE
+under the robustness audit's attacks.
 
 Each plot averages the runs of one configuration over seeds (plot_units), and never averages two runs
 with the same seed. Figures are written atomically as PNG.
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from unierase.report.runs import FAMILY, FE, MU, Run, _differs_text, _number
+from unierase.report.runs import ATTACK_GROUP, FAMILY, FE, MU, Run, _differs_text, _number, any_value
 
 matplotlib.use("Agg")  # headless: servers and tests have no display; set before any figure exists
 
@@ -132,3 +134,45 @@ def plot_sequential(runs: list[Run], path: Path) -> dict[str, dict[str, list[tup
             ax.legend()
     _save_figure(fig, path)
     return lines
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    labels: list[str]  # rows: the unit's label and (n=seeds averaged)
+    columns: list[str]  # the attacks' headers
+    values: list[list[float | None]]  # [row][column]; None: no seed has the value (drawn grey, no number)
+
+
+def plot_audit(runs: list[Run], path: Path) -> Heatmap:
+    """Forget ROUGE-L recall under each attack (ATTACK_GROUP), one row per configuration: the mean
+    over the seeds that have the value (as plot_sequential averages the rounds it has); returns the matrix drawn."""
+    columns = ATTACK_GROUP.columns
+    labels, values = [], []
+    for unit in plot_units([r for r in runs if any_value([r], columns)]):
+        labels.append(f"{unit.label} (n={len(unit.runs)})")
+        row = []
+        for col in columns:
+            present = [r.values[col.key] for r in unit.runs if r.values[col.key] is not None]
+            row.append(sum(present) / len(present) if present else None)
+        values.append(row)
+    heatmap = Heatmap(labels, [col.header for col in columns], values)
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(columns), 1.5 + 0.45 * max(len(labels), 1)))
+    if labels:
+        # None -> NaN -> masked: a grey cell without a number, told apart from a 0 (near white in Reds).
+        matrix = np.ma.masked_invalid(np.array(values, dtype=float))
+        # ROUGE recall lies in [0, 1]: a fixed scale keeps colours comparable between reports.
+        image = ax.imshow(matrix, cmap=matplotlib.colormaps["Reds"].with_extremes(bad="lightgrey"), vmin=0, vmax=1,
+                          aspect="auto")
+        fig.colorbar(image, ax=ax, label="forget ROUGE-L recall")
+        for i, row in enumerate(values):
+            for j, value in enumerate(row):
+                if value is not None:
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if value > 0.6 else "black")
+        ax.set_xticks(range(len(columns)), heatmap.columns, rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+    else:
+        ax.text(0.5, 0.5, "no run has audit values", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("Forget ROUGE-L recall under attack (mean over seeds)")
+    _save_figure(fig, path)
+    return heatmap

@@ -1,9 +1,9 @@
-"""Run directories and what the report reads from them: the Run record and the table's columns.
+"""Run directories and what the report reads from them: the Run record and the tables' columns.
 
 A run directory is any directory holding both `metrics.json` and `config_resolved.yaml` (single runs
 under `outputs/runs/`, sweep jobs under `outputs/multiruns/`). `load_run` reads one into a Run: its ID
-columns, its metric values (flagging those taken from a partial fallback), its rounds, and its settings
-(the flattened resolved config without the seed and IGNORED_KEYS).
+columns, its metric values (METRIC_COLUMNS and every COLUMN_GROUPS column; flagging those taken from a
+partial fallback), its rounds, and its settings (the flattened resolved config without the seed and IGNORED_KEYS).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import OmegaConf
 
@@ -63,11 +63,54 @@ METRIC_COLUMNS: tuple[Column, ...] = (
 FE, MU = METRIC_COLUMNS[0].key, METRIC_COLUMNS[1].key
 
 
+class ColumnGroup(NamedTuple):
+    """Columns shown as a table of their own after the main one (METRIC_COLUMNS), when a run has a value."""
+    title: str
+    columns: tuple[Column, ...]
+    notes: tuple[str, ...]  # printed under its Markdown table
+
+
+# The robustness audit's columns (unierase/evaluation/audit.py), in two groups.
+def _audit(header: str, metric: str, decimals: int = 3) -> Column:
+    # CSV key: the metrics.json key with dots as underscores (`audit_plain_suppressed_forget_rouge`).
+    return Column(metric.replace(".", "_"), header, metric, decimals=decimals)
+
+
+_PROMPT_ATTACKS: tuple[tuple[str, str, str], ...] = (  # metrics.json name, header, header with +S
+    ("plain", "Plain", "Plain +S"), ("paraphrase", "Paraphrase", "Paraphrase +S"),
+    ("raw_format", "Raw format", "Raw +S"), ("few_shot", "Few-shot", "Few-shot +S"),
+    ("system_prompt", "System prompt", "System +S"), ("ignore_instruction", "Ignore instr.", "Ignore +S"))
+SUPPRESSED_NOTE = "+S = the method's added tokens banned from decoding."
+ATTACK_GROUP = ColumnGroup("Robustness: forget ROUGE-L recall under attack (lower = still forgotten)", (
+    *(_audit(header, f"audit.{attack}.forget_rouge") for attack, header, _ in _PROMPT_ATTACKS),
+    *(_audit(header, f"audit.{attack}_suppressed.forget_rouge") for attack, _, header in _PROMPT_ATTACKS),
+    _audit("8-bit", "audit.quant8.forget_rouge"), _audit("4-bit", "audit.quant4.forget_rouge"),
+    _audit("Relearn before", "audit.relearn.forget_rouge_before"),
+    _audit("Relearn after", "audit.relearn.forget_rouge"),
+    _audit("Base relearned", "audit.relearn.base_forget_rouge"),
+    _audit("Worst", "audit.worst.forget_rouge"),
+), (SUPPRESSED_NOTE,))
+MEMBERSHIP_GROUP = ColumnGroup("Robustness: retain cost and membership inference", (
+    _audit("Retain plain", "audit.plain.retain_rouge"), _audit("Retain +S", "audit.plain_suppressed.retain_rouge"),
+    _audit("Retain 4-bit", "audit.quant4.retain_rouge"), _audit("Retain relearn", "audit.relearn.retain_rouge"),
+    _audit("Loss AUC", "audit.mia.loss_auc"), _audit("zlib AUC", "audit.mia.zlib_auc"),
+    _audit("Min-K AUC", "audit.mia.min_k_auc"), _audit("Min-K++ AUC", "audit.mia.min_k_pp_auc"),
+    _audit("Privleak", "audit.mia.privleak", decimals=1),
+    _audit("Banned tokens", "audit.suppression.banned_tokens", decimals=0),
+), (SUPPRESSED_NOTE,
+    "AUC: of telling holdout rows (authors the target never saw) from forget rows; 1 = the forget rows still look "
+    "seen, 0.5 = indistinguishable.",
+    "Privleak (open-unlearning): ((1 − AUC) − (1 − AUC_retain)) / (1 − AUC_retain) · 100, with AUC_retain the "
+    "retain-reference model's Min-K AUC on the same rows; ≈ 0 is ideal."))
+COLUMN_GROUPS: tuple[ColumnGroup, ...] = (ATTACK_GROUP, MEMBERSHIP_GROUP)
+AUDIT_COLUMNS: tuple[Column, ...] = tuple(col for group in COLUMN_GROUPS for col in group.columns)
+
+
 @dataclass
 class Run:
     path: Path
     ids: dict[str, Any]  # the ID_COLUMNS values (None where the config lacks them)
-    values: dict[str, float | None]  # METRIC_COLUMNS values by key
+    values: dict[str, float | None]  # METRIC_COLUMNS and AUDIT_COLUMNS values by key
     partial: set[str] = field(default_factory=set)  # keys whose value came from the fallback
     rounds: list[dict[str, Any]] | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # dotted path -> value, without `seed` and IGNORED_KEYS
@@ -88,6 +131,11 @@ class Run:
 def _none_last(value: Any) -> tuple[bool, Any]:
     # None sorts last without comparing None to str/int.
     return value is None, value if value is not None else ""
+
+
+def any_value(runs: list[Run], columns: tuple[Column, ...]) -> bool:
+    """Whether some run has a value in one of `columns`."""
+    return any(run.values[col.key] is not None for run in runs for col in columns)
 
 
 def _number(value: Any) -> float | None:
@@ -171,7 +219,7 @@ def load_run(run_dir: Path) -> Run:
     }
     values: dict[str, float | None] = {}
     partial: set[str] = set()
-    for col in METRIC_COLUMNS:
+    for col in METRIC_COLUMNS + AUDIT_COLUMNS:
         value = _number(metrics.get(col.metric))
         if value is None and col.fallback:
             value = _number(metrics.get(col.fallback))

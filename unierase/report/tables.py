@@ -1,4 +1,5 @@
-"""The report's table: every run as one row, rendered as padded Markdown and as CSV."""
+"""The report's tables: every run as one row, rendered as padded Markdown and as CSV; in the Markdown, the
+robustness audit's column groups as tables of their own after the main one."""
 from __future__ import annotations
 
 import csv
@@ -6,7 +7,19 @@ import io
 from typing import Any
 
 from unierase.report.grouping import same_seed_runs
-from unierase.report.runs import FE, ID_COLUMNS, METRIC_COLUMNS, MU, Run, _differs_text, _value_text
+from unierase.report.runs import (
+    AUDIT_COLUMNS,
+    COLUMN_GROUPS,
+    FE,
+    ID_COLUMNS,
+    METRIC_COLUMNS,
+    MU,
+    Column,
+    Run,
+    _differs_text,
+    _value_text,
+    any_value,
+)
 
 MISSING_MD = "–"
 PARTIAL_NOTE = ("\\* partial aggregate (`*_partial`): computed over the available components only, "
@@ -29,18 +42,18 @@ def _config_text(run: Run) -> str:
     return f"{run.config}: {_differs_text(run.differs)}" if run.differs else run.config
 
 
-def render_markdown(runs: list[Run]) -> str:
+def _table(runs: list[Run], columns: tuple[Column, ...], marked: set[int]) -> list[str]:
+    """The padded Markdown lines of one table: the ID, Config and Seed columns, then `columns`; the seeds of
+    runs in `marked` (by id) carry SAME_SEED_MARK."""
     id_columns = [(k, h) for k, h in ID_COLUMNS if k != "seed"]
-    headers = [h for _, h in id_columns] + ["Config", "Seed"] + [c.header for c in METRIC_COLUMNS]
-    numeric = [False] * (len(id_columns) + 1) + [True] * (1 + len(METRIC_COLUMNS))
-    same_seed = same_seed_runs(runs)
-    marked = {id(run) for members in same_seed for run in members}
+    headers = [h for _, h in id_columns] + ["Config", "Seed"] + [c.header for c in columns]
+    numeric = [False] * (len(id_columns) + 1) + [True] * (1 + len(columns))
     rows = []
     for run in runs:
         cells = [_id_text(run.ids[k], MISSING_MD) for k, _ in id_columns]
         cells.append(_config_text(run).replace("|", "\\|"))
         cells.append(_id_text(run.ids["seed"], MISSING_MD) + (SAME_SEED_MARK if id(run) in marked else ""))
-        for col in METRIC_COLUMNS:
+        for col in columns:
             text = _fmt(run.values[col.key], col.decimals, MISSING_MD)
             cells.append(text + "\\*" if col.key in run.partial else text)
         rows.append(cells)
@@ -53,13 +66,26 @@ def render_markdown(runs: list[Run]) -> str:
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
                           for w, num in zip(widths, numeric)) + "|"
-    lines = [line(headers), rule, *(line(r) for r in rows), "", CONFIG_NOTE]
+    return [line(headers), rule, *(line(r) for r in rows)]
+
+
+def render_markdown(runs: list[Run]) -> str:
+    """The main table with its notes, then a section per audit group (COLUMN_GROUPS) that has a value, listing
+    the runs that have one."""
+    same_seed = same_seed_runs(runs)
+    marked = {id(run) for members in same_seed for run in members}
+    lines = [*_table(runs, METRIC_COLUMNS, marked), "", CONFIG_NOTE]
     if any(run.partial for run in runs):
         lines += ["", PARTIAL_NOTE]
     if same_seed:
         groups = "; ".join(", ".join(f"`{run.path}`" for run in members) for members in same_seed)
         lines += ["", f"{SAME_SEED_MARK} same configuration and same seed: listed apart and never averaged, "
                       f"in the plots neither: {groups}."]
+    for group in COLUMN_GROUPS:
+        audited = [run for run in runs if any_value([run], group.columns)]
+        if audited:
+            lines += ["", f"### {group.title}", "", *_table(audited, group.columns, marked)]
+            lines += [line for note in group.notes for line in ("", note)]
     return "\n".join(lines) + "\n"
 
 
@@ -67,15 +93,17 @@ def render_csv(runs: list[Run]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     marked = {id(run) for members in same_seed_runs(runs) for run in members}
+    # Audit columns only where a run was audited, so the CSV of runs without the audit keeps its columns.
+    columns = METRIC_COLUMNS + AUDIT_COLUMNS if any_value(runs, AUDIT_COLUMNS) else METRIC_COLUMNS
     # The partial flags keep in the CSV what the Markdown shows with `*`; config_diff names every setting.
-    writer.writerow([k for k, _ in ID_COLUMNS] + [c.key for c in METRIC_COLUMNS]
+    writer.writerow([k for k, _ in ID_COLUMNS] + [c.key for c in columns]
                     + [f"{FE}_is_partial", f"{MU}_is_partial", "config", "config_diff", "same_config_and_seed",
                        "run_dir"])
     for run in runs:
         diff = "; ".join(f"{path}={value if isinstance(value, str) else _value_text(value)}"
                          for path, value in run.differs.items())
         writer.writerow([_id_text(run.ids[k], "") for k, _ in ID_COLUMNS]
-                        + [_fmt(run.values[c.key], c.decimals, "") for c in METRIC_COLUMNS]
+                        + [_fmt(run.values[c.key], c.decimals, "") for c in columns]
                         + [str(FE in run.partial).lower(), str(MU in run.partial).lower(), run.config, diff,
                            str(id(run) in marked).lower(), str(run.path)])
     return buffer.getvalue()
