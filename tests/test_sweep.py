@@ -3,6 +3,7 @@ through `unierase -m hydra/launcher=local` (submitit, parallel processes) summar
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +138,31 @@ def test_submitit_local_multirun_then_table(tmp_path, data_dir):
         rows = list(csv.DictReader(handle))
     assert sorted((r["method"], r["seed"]) for r in rows) == [("ga", "0"), ("ga", "1"), ("ga_gd", "0"), ("ga_gd", "1")]
     assert all(r["model"] == "tiny_random" and r["forget_rouge"] != "" for r in rows)
+
+
+@pytest.mark.slow  # two `unierase -m` processes (torch imports) and three tiny jobs: ~1.5 min on one core
+def test_a_stopped_sweep_resumes_where_it_left_off(tmp_path, data_dir):
+    """`reuse_results=true`: the same command run again reuses the finished jobs and runs only the others."""
+    cache = tmp_path / "outputs" / "cache"
+    cache.mkdir(parents=True)
+    (CACHE_ROOT / "base_models").mkdir(parents=True, exist_ok=True)
+    (cache / "base_models").symlink_to(CACHE_ROOT / "base_models", target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k != "UNIERASE_CACHE"}
+    env |= {"UNIERASE_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "unierase"), "-m", *FAST, "reuse_results=true"]
+
+    def sweep(methods: str, name: str) -> Path:
+        done = subprocess.run(command + [f"method={methods}", f"hydra.sweep.dir=outputs/multiruns/{name}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return tmp_path / "outputs" / "multiruns" / name
+
+    first = sweep("ga", "stopped")  # the sweep stopped after its first job
+    again = sweep("ga,ga_gd", "again")
+    before = json.loads(next(first.glob("*/metrics.json")).read_text())
+    reused, ran = (json.loads(next(again.glob(f"*_{m}/metrics.json")).read_text()) for m in ("ga", "ga_gd"))
+    assert Path(reused.pop("reused_from")).parent == first
+    assert reused == before  # metrics as the finished job wrote them, its wall time included
+    assert "reused_from" not in ran and ran["cl.forget.rouge"] is not None
+    assert (next(again.glob("*_ga")) / "eval" / "knowledge.forget.jsonl").is_file()
+    assert not (next(again.glob("*_ga")) / "model").exists()  # results are copied, the model is not

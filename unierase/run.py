@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
@@ -139,7 +140,6 @@ def model_references(job: Job, target, tokenizer, benchmark: Benchmark) -> Bench
 
 def stage_unlearn(job: Job) -> dict:
     benchmark, setting = job.checked.benchmark, job.checked.setting
-    job.ctx.results_key = results_key(job.cfg, benchmark)
     method = METHODS[job.cfg.method.kind][1](job.checked.method)
     with_reference = "ou" in job.checked.eval.families
     job.targets.build_missing_in_children(benchmark, with_reference)
@@ -168,7 +168,7 @@ def stage_eval(job: Job) -> dict:
 
 STAGE_FUNCTIONS = {"finetune": stage_finetune, "unlearn": stage_unlearn, "eval": stage_eval}
 # Config nodes that never change a result: where files go, how progress is logged, how training is spread.
-NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags")
+NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags", "reuse_results")
 NOT_RESULT_SETTING_KEYS = ("fail_after_round", "reuse_unlearned")
 
 
@@ -193,25 +193,57 @@ def unlearned_key(cfg: DictConfig, benchmark: Benchmark, target_id: str) -> str:
                         "version": version("unierase")})
 
 
+# A finished job's files that a reusing job copies (not its model, its own header or its log).
+REUSED_FILES = ("eval", "rounds.json", "precise.json")
+
+
+def finished_record(cache_dir: Path, key: str) -> Path:
+    """Where a finished unlearn job of results key `key` records its run directory."""
+    return cache_dir / "results" / f"{key}.json"
+
+
+def reuse_finished(cache_dir: Path, key: str, run_dir: Path) -> dict | None:
+    """A finished job with the same results key: its result files copied into `run_dir` and its metrics
+    (with `reused_from`); None when there is none or its run directory is gone."""
+    record = finished_record(cache_dir, key)
+    if not record.is_file():
+        return None
+    source = Path(json.loads(record.read_text())["run_dir"])
+    if not (source / "metrics.json").is_file():
+        return None
+    log.info("reusing the finished job %s (same results key %s)", source, key)
+    for name in REUSED_FILES:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, run_dir / name, dirs_exist_ok=True)
+        elif (source / name).is_file():
+            shutil.copy2(source / name, run_dir / name)
+    return json.loads((source / "metrics.json").read_text()) | {"reused_from": str(source)}
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     checked = validate_job(cfg)  # every value and data file, before anything is written (InvalidJob)
     stage = STAGE_FUNCTIONS[checked.stage]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     write_run_header(run_dir, cfg)
     model_cfg, trainer_cfg = checked.model, checked.trainer
+    unlearn = checked.stage == "unlearn"
     ctx = RunContext(run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), model_cfg=model_cfg,
-                     trainer_cfg=trainer_cfg, seed=int(cfg.seed), results_key=results_key(cfg, None),
+                     trainer_cfg=trainer_cfg, seed=int(cfg.seed),
+                     results_key=results_key(cfg, checked.benchmark if unlearn else None),
                      loggers=make_loggers(cfg, run_dir))
-    targets = Targets(checked.target, model_cfg, trainer_cfg, ctx.cache_dir, base_identity(model_cfg, ctx.seed),
-                      ctx.seed)
-    job = Job(cfg, checked, ctx, targets)
-    start = time.perf_counter()
-    result = stage(job)
-    # The job's peak: this process's, or this process and a child building a model together.
-    result |= {"time.total_s": time.perf_counter() - start,
-               "memory.peak_rss_gb": max(peak_rss_gb(), targets.build_peak_rss_gb),
-               "memory.build_peak_rss_gb": targets.build_peak_rss_gb}
+    result = reuse_finished(ctx.cache_dir, ctx.results_key, run_dir) if unlearn and cfg.reuse_results else None
+    if result is None:
+        targets = Targets(checked.target, model_cfg, trainer_cfg, ctx.cache_dir, base_identity(model_cfg, ctx.seed),
+                          ctx.seed)
+        start = time.perf_counter()
+        result = stage(Job(cfg, checked, ctx, targets))
+        # The job's peak: this process's, or this process and a child building a model together.
+        result |= {"time.total_s": time.perf_counter() - start,
+                   "memory.peak_rss_gb": max(peak_rss_gb(), targets.build_peak_rss_gb),
+                   "memory.build_peak_rss_gb": targets.build_peak_rss_gb}
     atomic_write_json(run_dir / "metrics.json", result)
+    if unlearn and "reused_from" not in result:
+        atomic_write_json(finished_record(ctx.cache_dir, ctx.results_key), {"run_dir": str(run_dir.resolve())})
     finish(ctx.loggers, result, run_dir)
     return result
 
