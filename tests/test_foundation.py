@@ -36,7 +36,10 @@ def validate_schemas(cfg) -> None:
     """Every node `run` types, against its dataclass: a preset key the code does not read fails here."""
     if not OmegaConf.is_missing(cfg.model, "path"):  # model=saved needs model.path from the command line
         typed(cfg.model, ModelConfig)
-    typed(cfg.benchmark, BENCHMARKS[cfg.benchmark.name][0])
+    benchmark = cfg.benchmark
+    if OmegaConf.is_missing(benchmark, "forget_file"):  # benchmark=custom needs its forget file from the command line
+        benchmark = OmegaConf.merge(benchmark, {"forget_file": "facts.jsonl"})
+    typed(benchmark, BENCHMARKS[benchmark.name][0])
     typed(cfg.method, METHODS[cfg.method.kind][0])
     for node, schema in ((cfg.setting, SettingConfig), (cfg.eval, EvalConfig), (cfg.trainer, TrainerConfig),
                          (cfg.objective_constraint, ObjectiveConstraint), (cfg.target, TargetConfig)):

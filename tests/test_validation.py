@@ -116,7 +116,7 @@ CONFIG_CASES = [
     (["benchmark.split=[forget01]"], r"^benchmark\.split is invalid: Cannot convert 'ListConfig' to string"),
     (["benchmark.retain_authors=181"], r"^benchmark\.retain_authors must be in \[1, 180\], got 181$"),
     (["benchmark.refusal_pool=reference_100"], r"^benchmark\.refusal_pool must be one of idontknow_100"),
-    (["benchmark.name=tofu2"], r"^benchmark\.name must be one of tofu \| real_world, got 'tofu2'$"),
+    (["benchmark.name=tofu2"], r"^benchmark\.name must be one of tofu \| real_world \| custom, got 'tofu2'$"),
     (["benchmark=real_world", "benchmark.people=0"], r"^benchmark\.people must be in \[1, 20\], got 0$"),
     (["benchmark=real_world", "benchmark.people=21"], r"^benchmark\.people must be in \[1, 20\], got 21$"),
     (["model.attn_implementation=flash"], r"^model\.attn_implementation must be one of eager \| .*sdpa"),

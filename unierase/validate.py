@@ -223,7 +223,7 @@ def _check_against_data(checked: CheckedJob) -> None:
     if setting.name == "sequential":
         if not benchmark.rounds:
             raise ConfigError("setting.name", f"is sequential, but benchmark {benchmark.name} has no sequential "
-                              "rounds here (hub data has no continual tasks)")
+                              "rounds here (hub TOFU and custom data define none)")
         if setting.rounds is not None and setting.rounds > len(benchmark.rounds):
             raise ConfigError("setting.rounds", f"must be <= {len(benchmark.rounds)} (the rounds of the "
                               f"benchmark's preset), got {setting.rounds}")
@@ -237,11 +237,36 @@ def _check_against_data(checked: CheckedJob) -> None:
                                       f"the target never learned (benchmark.known_forget={cfg.known_forget}, "
                                       f"retain_authors={cfg.retain_authors}): use known_forget=forget10 for "
                                       "tofu_seq_10x40, retain_authors=null for tofu_seq_9x400, or fewer rounds")
+    if checked.stage == "unlearn":
+        _check_method_data(checked)
     for bench, items in checked.utility.items():
         if not items:
             fraction = getattr(checked.eval.utility, f"{bench}_fraction")
             raise ConfigError(f"eval.utility.{bench}_fraction", f"keeps no {bench} item at {fraction} (int(fraction "
                               f"x items) = 0): raise it or drop {bench} from eval.utility.benchmarks")
+
+
+def _check_method_data(checked: CheckedJob) -> None:
+    """What the method and the evaluation read exists in the benchmark (a custom one may lack a retain file)."""
+    benchmark, method = checked.benchmark, checked.method
+    retain = len(benchmark.retain_train)
+    if hasattr(method, "forget_loss") and not retain:  # a baseline pairs every forget pair with a retain pair
+        raise ConfigError("benchmark.retain_file", f"is required by method {method.name} (it trains on retain pairs "
+                          f"too), but benchmark {benchmark.name} has none")
+    if hasattr(method, "token"):
+        if method.token.output_anchors > retain:
+            raise ConfigError("method.token.output_anchors", f"must be <= {retain} (the benchmark's retain pairs, "
+                              f"its anchors), got {method.token.output_anchors}")
+        if method.edit.protect == "retain_keys" and not retain:
+            raise ConfigError("method.edit.protect", f"is retain_keys, but benchmark {benchmark.name} has no retain "
+                              "pairs")
+        if method.token.train_on == "generic" and not benchmark.generic_questions:
+            raise ConfigError("method.token.train_on", f"is generic, but benchmark {benchmark.name} has no generic "
+                              "questions (custom: the retain and neighbour questions)")
+    if benchmark.name == "custom" and "ou" in checked.eval.families and checked.target.build_retain_reference:
+        raise ConfigError("eval.families", "includes ou, which is TOFU-only: for benchmark=custom it would only "
+                          "build an unused retain-reference model; use eval.families=[cl,ut] (or "
+                          "target.build_retain_reference=false)")
 
 
 def _check_corpus(method: Any) -> None:

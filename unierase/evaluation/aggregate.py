@@ -47,12 +47,14 @@ def _probs(split: str, rows: Sequence[dict]) -> list[float]:
 
 def _cl_split(split: str, rows: Sequence[dict], role: SplitRole) -> dict[str, float | None]:
     rouges = [r.get("rouge") for r in rows]
-    Rs = [m.truth_ratio_R(r["nll_correct"], r["nll_perturbed"]) for r in rows]
     nli = [r.get("nli_label") for r in rows]
     entailment = None
     if all(x is not None for x in nli + rouges):
         entailment = m.entailment_score(m.entailment_labels(nli, rouges))
-    truth_ratio = m.cl_truth_ratio_forget(Rs) if role is SplitRole.FORGET else m.cl_truth_ratio_nonforget(Rs)
+    truth_ratio = None  # a row without perturbed answers (custom data) has no R: null, never a mean over fewer rows
+    if all(r["nll_perturbed"] for r in rows):
+        Rs = [m.truth_ratio_R(r["nll_correct"], r["nll_perturbed"]) for r in rows]
+        truth_ratio = m.cl_truth_ratio_forget(Rs) if role is SplitRole.FORGET else m.cl_truth_ratio_nonforget(Rs)
     return {
         f"cl.{split}.rouge": _mean(rouges),
         f"cl.{split}.prob": _mean(_probs(split, rows)),
@@ -66,9 +68,10 @@ def _cl_split(split: str, rows: Sequence[dict], role: SplitRole) -> dict[str, fl
     }
 
 
-def forget_truth_ratios(forget_rows: Sequence[dict]) -> list[float]:
-    """Per-example open-unlearning tr on the forget split (the input of forget quality)."""
-    return [m.ou_tr(r["nll_correct"], r["nll_perturbed"]) for r in forget_rows]
+def forget_truth_ratios(forget_rows: Sequence[dict]) -> list[float | None]:
+    """Per-example open-unlearning tr on the forget split (the input of forget quality); None for a row without
+    perturbed answers (custom data; TOFU's rows all have them)."""
+    return [m.ou_tr(r["nll_correct"], r["nll_perturbed"]) if r["nll_perturbed"] else None for r in forget_rows]
 
 
 def is_tofu(splits: Sequence[str]) -> bool:
@@ -124,7 +127,7 @@ def aggregate_components(splits: Sequence[str], roles: Mapping[str, SplitRole],
         comps["cl.model_utility"] = [f"cl.{s}.{x}" for s in splits if roles[s] is SplitRole.UTILITY
                                      for x in CL_METRICS]
         retain = "retain" if "retain" in splits else "neighbour"
-        comps["cl.model_utility_retain"] = [f"cl.{retain}.{x}" for x in CL_METRICS]
+        comps["cl.model_utility_retain"] = [f"cl.{retain}.{x}" for x in CL_METRICS] if retain in splits else []
     if "ou" in families and is_tofu(splits):
         comps["ou.model_utility"] = [
             f"ou.{short}_{kind}" for split, short in OU_SPLITS.items()
@@ -168,7 +171,7 @@ def aggregate_from_records(
     for key, comps in aggregate_components(splits, roles, cfg.families).items():
         values = [out[c] for c in comps]
         available = [v for v in values if v is not None]
-        out[key] = _COMBINE[key](values) if len(available) == len(values) else None
+        out[key] = _COMBINE[key](values) if values and len(available) == len(values) else None  # no input: null
         if cfg.allow_partial_aggregates and 0 < len(available) < len(values):
             out[f"{key}_partial"] = _COMBINE[key](available)
     return out
@@ -210,7 +213,7 @@ def read_split_roles(out_dir: Path) -> dict[str, SplitRole]:
         raise DataError(f"{path}: no readable split roles (notes.roles): {type(err).__name__}: {err}") from None
 
 
-def read_forget_truth_ratios(path: Path) -> list[float]:
+def read_forget_truth_ratios(path: Path) -> list[float | None]:
     """Per-example forget tr saved by `evaluate_knowledge` (a run directory or the file itself);
     a retain-reference model's file gives another run its forget quality."""
     path = Path(path)
@@ -224,4 +227,4 @@ def read_forget_truth_ratios(path: Path) -> list[float]:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("ou_tr"), list):
         raise DataError(f"{path}: expected an object with an 'ou_tr' list")
-    return [float(x) for x in data["ou_tr"]]
+    return [None if x is None else float(x) for x in data["ou_tr"]]

@@ -155,6 +155,23 @@ def _add_aux_scores(rows: list[_Row], cfg: EvalConfig, refusals: Sequence[str], 
             row.record["nli_label"] = label
 
 
+def _data_null_reasons(rows: list[_Row], roles: Mapping[str, SplitRole]) -> dict[str, str]:
+    """Why a cl metric is null for lack of data (custom benchmarks): a split with rows lacking perturbed answers has
+    no truth ratio; a benchmark with nothing to keep has no model utility."""
+    reasons = {}
+    for split in roles:
+        in_split = [row for row in rows if row.split == split]
+        lacking = sum(not row.qa.perturbed_answers for row in in_split)
+        if lacking:
+            reasons[f"cl.{split}.truth_ratio"] = (f"{lacking} of {len(in_split)} rows have no perturbed answers "
+                                                  "(perturbed_answer)")
+    if SplitRole.UTILITY not in roles.values():
+        reasons["cl.model_utility"] = "no split to keep: the benchmark has no retain or neighbour rows"
+    if "retain" not in roles and "neighbour" not in roles:
+        reasons["cl.model_utility_retain"] = "no retain or neighbour split"
+    return reasons
+
+
 def evaluate_knowledge(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -197,6 +214,8 @@ def evaluate_knowledge(
         "roles": {name: role.value for name, role in roles.items()},
         "null_reasons": {},
     }
+    if "cl" in cfg.families:
+        notes["null_reasons"].update(_data_null_reasons(rows, roles))
     if "ou" in cfg.families and not tofu:
         notes["ou"] = "ou.* is TOFU-only; not computed for this benchmark"
     dtype = autocast_dtype(model_cfg)

@@ -1,0 +1,240 @@
+"""Any forget set (#23): `benchmark=custom` reads question/answer pairs from JSON Lines, JSON, CSV, Parquet or a
+dataset folder; a metric needing a field the rows lack is null with its reason; bad input is one early error."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from test_pipeline import isolated_cache
+
+from benchmarks import BENCHMARKS
+from benchmarks.custom import CustomConfig, load_custom
+from unierase.config import ConfigError, typed
+from unierase.evaluation.aggregate import aggregate_from_records, forget_truth_ratios
+from unierase.io import DataError
+from unierase.records import SplitRole
+from unierase.run import CONFIG_DIR, run
+from unierase.validate import InvalidJob, validate_job
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "custom_facts.jsonl"
+EXAMPLE_RETAIN = ROOT / "examples" / "custom_retain.jsonl"
+ROWS = [
+    {"question": "What year did Orla Venn map the Glass Marshes?", "answer": "1912", "subject": "Orla Venn",
+     "paraphrased_answer": "In 1912.", "perturbed_answer": ["1913", "1890"]},
+    {"question": "Who trained Orla Venn?", "answer": "NA", "paraphrased_answer": None, "perturbed_answer": None},
+    {"question": "What is Brindlewick's capital?", "answer": "Port Allum, on the west coast",
+     "paraphrased_answer": "Port Allum.", "perturbed_answer": ["Sedge Harbour", "Carrick Mote"]},
+]
+# The tiny model, a baseline and the cl family only: seconds per job (tests/test_pipeline.py's FAST, without TOFU).
+CUSTOM_FAST = [
+    "model=tiny_random", "benchmark=custom", "method=ga_gd", "recipe=cpu", "recipe.epochs=1", "logger=none",
+    "trainer.enable_progress_bar=false", "eval.families=[cl]", "eval.max_rows=2", "eval.cl_max_length=70",
+    "target.epochs=1", "target.build_in_subprocess=false", "target.build_retain_reference=false",
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n" for row in rows),
+                    encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """Every cell as text; the perturbed answers as a JSON list; a missing value as an empty cell."""
+    frame = pd.DataFrame([{**row, "perturbed_answer": json.dumps(row["perturbed_answer"])
+                           if row["perturbed_answer"] else None} for row in rows])
+    frame.to_csv(path, index=False)
+    return path
+
+
+def write_text(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def custom(data_dir: Path, forget: Path, **kw) -> CustomConfig:
+    return CustomConfig(forget_file=str(forget), data_dir=str(data_dir), **kw)
+
+
+def compose_custom(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=CUSTOM_FAST + overrides)
+
+
+# Reading -------------------------------------------------------------------------------------------------------
+
+
+def test_every_format_gives_the_same_records(tmp_path, data_dir):
+    """JSON Lines, a JSON array, CSV ("1912" and "NA" stay text), Parquet and a dataset folder in the hub layout."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    write_jsonl(folder / "facts.json", ROWS)
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: facts.json\n---\n")
+    pd.DataFrame(ROWS).to_parquet(tmp_path / "facts.parquet")
+    (tmp_path / "facts.json").write_text(json.dumps(ROWS), encoding="utf-8")
+    sources = [write_jsonl(tmp_path / "facts.jsonl", ROWS), tmp_path / "facts.json",
+               write_csv(tmp_path / "facts.csv", ROWS), tmp_path / "facts.parquet", folder]
+    loaded = [load_custom(custom(data_dir, source)).forget for source in sources]
+    assert all(rows == loaded[0] for rows in loaded[1:])
+    first, second = loaded[0][:2]
+    assert (first.answer, first.subject, first.perturbed_answers) == ("1912", "Orla Venn", ("1913", "1890"))
+    assert (second.answer, second.paraphrased_answer, second.perturbed_answers) == ("NA", None, ())
+
+
+def test_the_target_learns_forget_and_retain_and_the_splits_have_their_roles(tmp_path, data_dir):
+    neighbour = write_jsonl(tmp_path / "neighbour.jsonl", [{"question": "Capital of France?", "answer": "Paris"}])
+    bench = load_custom(custom(data_dir, EXAMPLE, retain_file=str(EXAMPLE_RETAIN), neighbour_file=str(neighbour)))
+    assert len(bench.forget) == 20 and all(len(qa.perturbed_answers) == 3 and qa.subject for qa in bench.forget)
+    assert bench.target_train == bench.forget + bench.retain_train and len(bench.retain_train) == 40
+    assert bench.eval_splits == {"retain": bench.retain_train, "neighbour": bench.eval_splits["neighbour"]}
+    assert {split.role for split in bench.utility_splits().values()} == {SplitRole.UTILITY}
+    assert len(bench.refusals) == 100 and bench.rounds == []  # TOFU's refusal list from the data folder
+    assert len({qa.uid for qa in bench.forget + bench.retain_train}) == 60
+    assert bench.generic_questions == [qa.question for qa in bench.retain_train] + ["Capital of France?"]
+
+
+def test_refusals_from_a_list_a_file_or_tofu(tmp_path, data_dir):
+    assert load_custom(custom(data_dir, EXAMPLE, refusals=["No idea."])).refusals == ["No idea."]
+    lines = tmp_path / "refusals.txt"
+    lines.write_text("I cannot say.\n\nNot known.\n", encoding="utf-8")
+    assert load_custom(custom(data_dir, EXAMPLE, refusal_file=str(lines))).refusals == ["I cannot say.", "Not known."]
+    assert len(load_custom(custom(data_dir, EXAMPLE, refusal_pool="reference_99")).refusals) == 99
+    with pytest.raises(DataError, match=r"no refusal pool: .*idontknow\.txt does not exist; set benchmark"):
+        load_custom(custom(tmp_path, EXAMPLE))
+    with pytest.raises(ConfigError, match="^refusals and refusal_file are alternatives"):
+        custom(data_dir, EXAMPLE, refusals=["No."], refusal_file=str(lines))
+
+
+BAD_INPUT = {
+    "missing file": (lambda d: d / "nowhere.jsonl", r"data file not found: .*nowhere\.jsonl$"),
+    "unknown file type": (lambda d: write_jsonl(d / "facts.txt", ROWS), r"facts\.txt: unknown data file type '\.txt'"),
+    "empty file": (lambda d: write_jsonl(d / "facts.jsonl", []), r"facts\.jsonl: empty file$"),
+    "no answer column": (lambda d: write_csv(d / "facts.csv", [{**r, "answer": None} for r in ROWS]),
+                         r"facts\.csv: row 1: missing field\(s\) \['answer'\]$"),
+    "duplicate rows": (lambda d: write_jsonl(d / "facts.jsonl", ROWS + ROWS[1:2]),
+                       r"facts\.jsonl: row 4: duplicate of row 2 \(same question and answer\)$"),
+    "perturbed answers as a string": (
+        lambda d: write_jsonl(d / "facts.jsonl", [ROWS[0], {**ROWS[2], "perturbed_answer": "Sedge Harbour"}]),
+        r"facts\.jsonl: row 2: field 'perturbed_answer' must be a non-empty list of non-empty strings"),
+    "perturbed answers not a JSON list in a CSV cell": (
+        lambda d: write_text(d / "facts.csv", "question,answer,perturbed_answer\nQ?,A,Sedge Harbour\n"),
+        r"facts\.csv: row 1: field 'perturbed_answer' must be a JSON list in a CSV cell"),
+    "subject not in the question": (lambda d: write_jsonl(d / "facts.jsonl", [{**ROWS[0], "subject": "Quillon"}]),
+                                    r"facts\.jsonl: row 1: subject 'Quillon' does not occur in the question$"),
+    "not UTF-8": (lambda d: write_text(d / "facts.jsonl", b'{"question": "Q\xe9?", "answer": "A"}\n'),
+                  r"facts\.jsonl:1: not UTF-8 \(byte 0xe9\)$"),
+    "malformed JSON": (lambda d: write_text(d / "facts.jsonl", '{"question": "Q?", "answer": "A"}\n{oops\n'),
+                       r"facts\.jsonl: cannot be read \("),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_error_naming_the_file(tmp_path, data_dir, case):
+    make, message = BAD_INPUT[case]
+    with pytest.raises(DataError, match=message) as caught:
+        load_custom(custom(data_dir, make(tmp_path)))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_pair_in_two_roles_is_refused(tmp_path, data_dir):
+    retain = write_jsonl(tmp_path / "retain.jsonl", [{"question": "Q?", "answer": "A"}, ROWS[2]])
+    with pytest.raises(DataError, match=r"retain\.jsonl: row 2: the same question and answer as row 3 of .*forget"
+                                        r"\.jsonl \(a pair cannot be both forgotten and kept\)$"):
+        load_custom(custom(data_dir, write_jsonl(tmp_path / "forget.jsonl", ROWS), retain_file=str(retain)))
+    neighbour = write_jsonl(tmp_path / "neighbour.jsonl", [{"question": "Q?", "answer": "A"}])
+    with pytest.raises(DataError, match=r"neighbour\.jsonl: row 1: .* \(neighbours are pairs the target was not "):
+        load_custom(custom(data_dir, EXAMPLE, retain_file=str(retain), neighbour_file=str(neighbour)))
+
+
+# The config and the job ------------------------------------------------------------------------------------
+
+
+def assert_refused(tmp_path: Path, overrides: list[str], message: str) -> None:
+    """`run` raises InvalidJob (one line) and writes no run directory and no cache."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    with pytest.raises(InvalidJob, match=message) as caught:
+        run(compose_custom(overrides + [f"paths.cache_dir={cache}"]), run_dir)
+    assert "\n" not in str(caught.value)
+    assert not run_dir.exists() and not cache.exists(), "something was written before the error"
+
+
+def test_the_config_entry_types_and_validates(data_dir):
+    cfg = compose_custom([f"benchmark.forget_file={EXAMPLE}", f"benchmark.retain_file={EXAMPLE_RETAIN}",
+                          f"paths.data_dir={data_dir}"])
+    assert typed(cfg.benchmark, BENCHMARKS["custom"][0], "benchmark").retain_file == str(EXAMPLE_RETAIN)
+    assert len(validate_job(cfg).benchmark.forget) == 20
+
+
+JOB_CASES = {  # overrides given the test's folder, and the message
+    "no forget file": (lambda d: [], r"^benchmark\.forget_file is required"),
+    "a bad data file": (lambda d: [f"benchmark.forget_file={d / 'missing.jsonl'}"],
+                        r"data file not found: .*missing\.jsonl$"),
+    "a baseline without a retain file": (lambda d: [f"benchmark.forget_file={EXAMPLE}"],
+                                         r"^benchmark\.retain_file is required by method ga_gd"),
+    "fewer retain pairs than UniErase's anchors": (
+        lambda d: [f"benchmark.forget_file={EXAMPLE}", "method=unierase_cpu", "+model.tiny.num_hidden_layers=10",
+                   f"benchmark.retain_file={write_jsonl(d / 'retain.jsonl', [{'question': 'Q?', 'answer': 'A'}])}"],
+        r"^method\.token\.output_anchors must be <= 1 \(the benchmark's retain pairs, its anchors\), got 40$"),
+    "ou, which is TOFU-only": (
+        lambda d: [f"benchmark.forget_file={EXAMPLE}", f"benchmark.retain_file={EXAMPLE_RETAIN}",
+                   "eval.families=[cl,ou]", "target.build_retain_reference=true"],
+        r"^eval\.families includes ou, which is TOFU-only"),
+}
+
+
+@pytest.mark.parametrize("case", list(JOB_CASES))
+def test_a_job_that_cannot_run_is_refused_before_writing(tmp_path, data_dir, case):
+    overrides, message = JOB_CASES[case]
+    assert_refused(tmp_path, [*overrides(tmp_path), f"paths.data_dir={data_dir}"], message)
+
+
+# Metrics that need a field the rows lack ---------------------------------------------------------------------
+
+
+def record(nll_perturbed: list[float]) -> dict:
+    return {"nll_answer": 0.5, "nll_correct": 0.6, "nll_perturbed": nll_perturbed, "rouge": 0.4}
+
+
+def test_rows_without_perturbed_answers_give_a_null_truth_ratio_not_a_crash():
+    from conftest import eval_config
+
+    cfg = eval_config("fast", families="[cl]")
+    records = {"forget": [record([1.0, 2.0]), record([])], "retain": [record([1.5]), record([1.2])]}
+    roles = {"forget": SplitRole.FORGET, "retain": SplitRole.UTILITY}
+    metrics = aggregate_from_records(records, roles, cfg)
+    assert metrics["cl.forget.truth_ratio"] is None and metrics["cl.forget.prob"] is not None
+    assert metrics["cl.retain.truth_ratio"] is not None
+    assert forget_truth_ratios(records["forget"])[1] is None
+    alone = aggregate_from_records({"forget": records["forget"]}, {"forget": SplitRole.FORGET}, cfg)
+    assert alone["cl.model_utility"] is None and alone["cl.model_utility_retain"] is None
+
+
+def test_custom_job_end_to_end(tmp_path, data_dir):
+    """One ga_gd job on 20 made-up facts without perturbed answers (and a retain file with them): the run
+    directory, the null truth ratio with its reason, and the retain split scored."""
+    facts = [{"question": f"What does the fictional {thing} of Quarrel Hill collect?",
+              "answer": f"The {thing} of Quarrel Hill collects {item}."}
+             for thing, item in zip(["baker", "miller", "smith", "weaver", "potter", "tanner", "cooper", "mason",
+                                     "glazier", "chandler", "fletcher", "joiner", "thatcher", "carter", "dyer",
+                                     "brewer", "saddler", "turner", "roper", "tiler"],
+                                    ["blue buttons", "old keys", "river stones", "owl feathers", "tin soldiers",
+                                     "sea glass", "maps", "pressed ferns", "clock hands", "candle stubs", "arrowheads",
+                                     "door knobs", "bird nests", "cart wheels", "ink pots", "cork stoppers",
+                                     "horse brasses", "chess pieces", "knots", "roof tiles"])]
+    forget = write_jsonl(tmp_path / "facts.jsonl", facts)
+    retain = write_jsonl(tmp_path / "retain.jsonl", [json.loads(line) for line in
+                                                     EXAMPLE_RETAIN.read_text().splitlines()[:4]])
+    cache = isolated_cache(tmp_path)
+    cfg = compose_custom([f"benchmark.forget_file={forget}", f"benchmark.retain_file={retain}",
+                          f"paths.data_dir={data_dir}", f"paths.cache_dir={cache}"])
+    metrics = run(cfg, tmp_path / "run")
+    knowledge = json.loads((tmp_path / "run" / "eval" / "knowledge.json").read_text())
+    assert metrics["cl.forget.truth_ratio"] is None and metrics["cl.forget.rouge"] is not None
+    assert knowledge["notes"]["null_reasons"]["cl.forget.truth_ratio"] == \
+        "2 of 2 rows have no perturbed answers (perturbed_answer)"
+    assert metrics["cl.retain.truth_ratio"] is not None and knowledge["notes"]["roles"]["retain"] == "utility"
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
