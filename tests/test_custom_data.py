@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import CACHE_ROOT
 from hydra import compose, initialize_config_dir
 from test_pipeline import isolated_cache
 
@@ -228,6 +229,7 @@ def test_custom_job_end_to_end(tmp_path, data_dir):
     forget = write_jsonl(tmp_path / "facts.jsonl", facts)
     retain = write_jsonl(tmp_path / "retain.jsonl", [json.loads(line) for line in
                                                      EXAMPLE_RETAIN.read_text().splitlines()[:4]])
+    (CACHE_ROOT / "base_models").mkdir(parents=True, exist_ok=True)  # a fresh checkout: link no dangling folder
     cache = isolated_cache(tmp_path)
     cfg = compose_custom([f"benchmark.forget_file={forget}", f"benchmark.retain_file={retain}",
                           f"paths.data_dir={data_dir}", f"paths.cache_dir={cache}"])
