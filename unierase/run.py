@@ -32,6 +32,7 @@ from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.loggers import finish, log_metrics, make_loggers
 from unierase.models import base_identity, load_model
 from unierase.objective import ObjectiveConstraint, objective_value
+from unierase.progress import quiet_third_party
 from unierase.records import Benchmark, EvalSplit
 from unierase.references import regenerate_references
 from unierase.registry import METHODS
@@ -257,6 +258,7 @@ OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replac
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one job; with `optimized_metric` set, return the objective to the sweeper (conf/hparams_search)."""
+    quiet_third_party()
     try:
         metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except InvalidJob as err:  # one line, exit status 1; the run directory holds only Hydra's own files

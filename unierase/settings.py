@@ -116,6 +116,8 @@ def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, be
         splits = {"forget": forget_like(rounds[number - 1]), "forgotten": forget_like(forgotten)}
         metrics.update(evaluate(model, tokenizer, splits, ctx.run_dir / "eval" / f"round_{number:02d}"))
         history.append(metrics)
+        log.info("round %d/%d: forget ROUGE %s, retain ROUGE %s, %.0f s", number, len(rounds),
+                 metrics.get("cl.forget.rouge"), metrics.get("cl.retain.rouge"), time.perf_counter() - start)
         log_metrics(ctx.loggers, metrics, step=number)
         with atomic_dir(state) as tmp:
             method.save_state(tmp / "method", model, tokenizer)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from unierase.config import ConfigError, check
 from unierase.models import IGNORE_INDEX
+from unierase.progress import EpochLog, on_terminal
 
 # Lightning's `precision` values (lightning.fabric.connector._PRECISION_INPUT, as strings).
 PRECISIONS = ("64", "32", "16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true",
@@ -58,11 +59,14 @@ class TensorDictDataset(Dataset):
 
 
 def make_trainer(cfg: TrainerConfig, loggers: list | bool = False, **limits: Any) -> L.Trainer:
-    """A Trainer that saves nothing by itself: runs write their own artifacts atomically."""
+    """A Trainer that saves nothing by itself: runs write their own artifacts atomically. Its progress: the bar
+    on a terminal, a line per epoch elsewhere."""
+    bar = cfg.enable_progress_bar and on_terminal()
     return L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
         precision=cfg.precision, logger=loggers, enable_checkpointing=False,
-        enable_progress_bar=cfg.enable_progress_bar, enable_model_summary=False,
+        enable_progress_bar=bar, callbacks=[] if bar or not cfg.enable_progress_bar else [EpochLog()],
+        enable_model_summary=False,
         log_every_n_steps=cfg.log_every_n_steps, gradient_clip_val=cfg.gradient_clip_val,
         num_sanity_val_steps=0, **limits,
     )

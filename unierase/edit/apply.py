@@ -8,14 +8,12 @@ far (keys.py); finally the chunk's keys join the past keys every later update mu
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from unierase.edit.config import EditConfig, EditRequest
 from unierase.edit.keys import EditRun, continuation_keys, edited_modules, request_keys
@@ -25,6 +23,7 @@ from unierase.edit.state import EditState
 from unierase.edit.update import update_layers
 from unierase.edit.values import optimise_values, value_inputs
 from unierase.models import ModelConfig, module_by_name
+from unierase.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +104,11 @@ def apply_edits(
                         fallbacks, len(pending))
         for request in pending:
             state.token_ids[tokenizer.convert_ids_to_tokens(request.target_id)] = request.target_id
-        bar = tqdm(total=len(pending), desc="edit", unit="request", disable=bool(os.environ.get("CI")))
+        bar = Progress(len(pending), "edit", "request")
         for start in range(0, len(pending), cfg.batch_size):
             chunk = pending[start:start + cfg.batch_size]
             edit_chunk(run, chunk, state)
-            bar.update(len(chunk))
+            bar.step(len(chunk))
         bar.close()
     finally:
         model.train(was_training)

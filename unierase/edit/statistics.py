@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from unierase.edit.capture import StopForward
 from unierase.edit.corpus import corpus_chunks, corpus_files
 from unierase.io import DataError, atomic_dir, atomic_write_json, file_digest, stable_hash
 from unierase.models import module_by_name, pad_rows
+from unierase.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ def second_moments(
     was_training = model.training
     model.eval()
     try:
-        bar = tqdm(total=len(chunks), desc="second moments", unit="chunk", disable=bool(os.environ.get("CI")))
+        bar = Progress(len(chunks), "second moments", "chunk")
         for start in range(0, len(chunks), batch_size):
             batch = chunks[start:start + batch_size]
             ids, attention = pad_rows(batch, pad, device=run_device)
@@ -95,7 +94,7 @@ def second_moments(
                             else contextlib.nullcontext())
             with torch.no_grad(), autocast_ctx, contextlib.suppress(StopForward):
                 model(input_ids=ids, attention_mask=attention, use_cache=False)
-            bar.update(len(batch))
+            bar.step(len(batch))
         bar.close()
     finally:
         for handle in handles:

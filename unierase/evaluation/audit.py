@@ -37,6 +37,7 @@ from unierase.evaluation.engine import autocast, decode_new, generate_ids, lengt
 from unierase.finetune import FinetuneConfig, finetune
 from unierase.io import atomic_write_json, atomic_write_jsonl
 from unierase.models import IGNORE_INDEX, ModelConfig, autocast_dtype, copy_model, pad_rows
+from unierase.progress import Progress
 from unierase.records import QA, Benchmark
 from unierase.training import TrainerConfig
 
@@ -187,6 +188,10 @@ def run_audit(
     metrics: dict[str, float | None] = {}
     generations: list[dict[str, Any]] = []
 
+    bar = Progress(_planned_steps(attacks, bool(references.vocabulary is not None
+                                                and added_token_ids(tokenizer, references.vocabulary))),
+                   "audit", "attack")
+
     def scored(attack: str, scoring_model: PreTrainedModel, builder: Callable[[QA], str], banned: Sequence[int],
                split_rows: dict[str, list[QA]]) -> None:
         for split, rows in split_rows.items():
@@ -194,6 +199,7 @@ def run_audit(
             generations.extend({"attack": attack, "split": split, **r} for r in records)
             metrics[f"audit.{attack}.{split}_rouge"] = _mean(records, "rouge")
             metrics[f"audit.{attack}.{split}_prob"] = _mean(records, "prob")
+        bar.step(note=f"{attack}: forget ROUGE {metrics[f'audit.{attack}.forget_rouge']:.3f}")
 
     suppress = "suppression" in attacks
     banned_ids = [] if references.vocabulary is None else added_token_ids(tokenizer, references.vocabulary)
@@ -224,14 +230,23 @@ def run_audit(
     if "relearn" in attacks:
         metrics |= _relearn(model, tokenizer, splits, builders["plain"], scorer, cfg, model_cfg, trainer_cfg,
                             generations, references, notes)
+        bar.step(note=f"relearn: forget ROUGE {metrics['audit.relearn.forget_rouge']:.3f}")
     if "mia" in attacks:
         metrics |= _membership(model, tokenizer, splits["forget"], benchmark.holdout, cfg, model_cfg, out_dir,
                                references, notes)
+        bar.step(note="membership inference")
+    bar.close()
     metrics |= _relative(metrics, references, notes)
     atomic_write_jsonl(out_dir / GENERATIONS_FILE, generations)
     atomic_write_json(out_dir / SUMMARY_FILE, {"metrics": metrics, "notes": notes,
                                                 "config": dataclasses.asdict(cfg.audit)})
     return metrics
+
+
+def _planned_steps(attacks: Collection[str], suppressing: bool) -> int:
+    """The progress steps of `run_audit`: one per scoring pass (prompt attacks twice when suppressing)."""
+    prompt = sum(a in attacks for a in PROMPT_ATTACKS) * (2 if suppressing and "suppression" in attacks else 1)
+    return prompt + sum(a in attacks for a in MODEL_ATTACKS) + ("mia" in attacks)
 
 
 def _relearn(model: PreTrainedModel, tokenizer: Any, splits: dict[str, list[QA]], builder: Callable[[QA], str],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from unierase.evaluation.metrics import is_refusal
 from unierase.models import IGNORE_INDEX, device, end_of_turn_ids, kv_cache_name, package_dir, pad_rows, turn_end_id
+from unierase.progress import progress
 
 # Errors an auxiliary model raises when it is missing offline, not installed, or not a model dir.
 _LOAD_ERRORS = (ImportError, OSError, ValueError)
@@ -37,6 +38,12 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def _batches(lengths: Sequence[int], batch_size: int, desc: str | None) -> Iterable[list[int]]:
+    """`length_sorted_batches`, with progress when `desc` names the pass."""
+    batches = list(length_sorted_batches(lengths, batch_size))
+    return batches if desc is None else progress(batches, len(batches), desc, "batch")
 
 
 # ------------------------------------------------------------------------------ generation (P2)
@@ -99,9 +106,10 @@ def generate_ids(
     autocast_dtype: torch.dtype | None = None,
     stop_ids: Sequence[int] | None = None,
     banned_ids: Sequence[int] = (),
+    desc: str | None = None,
 ) -> list[list[int]]:
     """Greedy new-token ids per prompt (input order), cut before the first stop id and at its budget;
-    `banned_ids` are never generated (the audit's special-token suppression).
+    `banned_ids` are never generated (the audit's special-token suppression); `desc` names the progress shown.
 
     Row i's result does not depend on the other rows of its batch, so a shorter budget gives a
     prefix of a longer one: one generation can serve several budgets.
@@ -115,7 +123,7 @@ def generate_ids(
     results: list[list[int]] = [[] for _ in prompts]
     todo = [i for i in range(len(prompts)) if budgets[i] > 0]
     with autocast(model, autocast_dtype):
-        for batch in length_sorted_batches([len(encoded[i]) for i in todo], batch_size):
+        for batch in _batches([len(encoded[i]) for i in todo], batch_size, desc):
             rows = [todo[j] for j in batch]
             steps = max(budgets[i] for i in rows)
             for i, ids in zip(rows, _greedy_batch(model, [encoded[i] for i in rows], steps,
@@ -140,6 +148,7 @@ def generate(
     max_length: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     stop_ids: Sequence[int] | None = None,
+    desc: str | None = None,
 ) -> list[str]:
     """Greedy responses to rendered chat prompts, in input order.
 
@@ -147,7 +156,7 @@ def generate(
     """
     budgets = [token_budget(len(ids), max_new_tokens, max_length) for ids in prompt_ids(tokenizer, prompts)]
     ids = generate_ids(model, tokenizer, prompts, budgets, batch_size,
-                       autocast_dtype=autocast_dtype, stop_ids=stop_ids)
+                       autocast_dtype=autocast_dtype, stop_ids=stop_ids, desc=desc)
     return [decode_new(tokenizer, row) for row in ids]
 
 
@@ -183,15 +192,17 @@ def answer_nll(
     max_length: int = 200,
     *,
     autocast_dtype: torch.dtype | None = None,
+    desc: str | None = None,
 ) -> list[AnswerNLL]:
-    """Teacher-forced NLL of each answer given its prompt (input order); prompt + answer ≤ max_length."""
+    """Teacher-forced NLL of each answer given its prompt (input order); prompt + answer ≤ max_length.
+    `desc` names the progress shown."""
     if len(prompts) != len(answers):
         raise ValueError("one answer per prompt")
     seqs = [qa_sequence(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
     results: list[AnswerNLL | None] = [None] * len(seqs)
     dev = model.device
     with autocast(model, autocast_dtype):
-        for batch in length_sorted_batches([len(ids) for ids, _ in seqs], batch_size):
+        for batch in _batches([len(ids) for ids, _ in seqs], batch_size, desc):
             input_ids, mask = pad_rows([seqs[i][0] for i in batch], tokenizer.pad_token_id, device=dev)
             labels, _ = pad_rows([seqs[i][1] for i in batch], IGNORE_INDEX, device=dev)
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()

@@ -86,7 +86,8 @@ def _add_nlls(model: PreTrainedModel, tokenizer: Any, rows: list[_Row], cfg: Eva
         for row in rows for text in (row.qa.answer, _correct_answer(row.qa)[1], *row.qa.perturbed_answers)
     ))
     results = dict(zip(keys, answer_nll(model, tokenizer, [p for p, _ in keys], [t for _, t in keys],
-                                        cfg.batch_size, cfg.nll_max_length, autocast_dtype=dtype)))
+                                        cfg.batch_size, cfg.nll_max_length, autocast_dtype=dtype,
+                                        desc=f"knowledge NLL ({len(keys)} answers)")))
     for row in rows:
         answer = results[(row.prompt, row.qa.answer)]
         field_name, correct = _correct_answer(row.qa)
@@ -106,7 +107,7 @@ def _add_generations(model: PreTrainedModel, tokenizer: Any, rows: list[_Row], c
     cl_budget = [token_budget(n, max_length=cfg.cl_max_length) if run_cl else 0 for n in lengths]
     ou_budget = [token_budget(n, max_new_tokens=cfg.ou_max_new_tokens) if run_ou else 0 for n in lengths]
     ids = generate_ids(model, tokenizer, prompts, [max(a, b) for a, b in zip(cl_budget, ou_budget)],
-                       cfg.batch_size, autocast_dtype=dtype)
+                       cfg.batch_size, autocast_dtype=dtype, desc=f"knowledge generation ({len(rows)} rows)")
     for row, new, cl_n, ou_n in zip(rows, ids, cl_budget, ou_budget):
         if run_cl:
             text = decode_new(tokenizer, new[:cl_n])

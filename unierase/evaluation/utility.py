@@ -26,6 +26,7 @@ from unierase.evaluation.engine import RefusalDetector, generate, load_encoder
 from unierase.evaluation.loglik import continuation_logprobs
 from unierase.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from unierase.models import ModelConfig, autocast_dtype, chat_prompt
+from unierase.progress import Progress
 from unierase.records import UtilityItem
 
 RECORD_FILE = "utility.{bench}.jsonl"
@@ -124,7 +125,7 @@ def _generation_records(model: PreTrainedModel, tokenizer: Any, bench: str, item
                         detector: RefusalDetector | None) -> list[dict[str, Any]]:
     prompts = [chat_prompt(tokenizer, item.message, model_cfg) for item in items]
     responses = generate(model, tokenizer, prompts, cfg.utility.max_new_tokens, cfg.batch_size,
-                         autocast_dtype=autocast_dtype(model_cfg))
+                         autocast_dtype=autocast_dtype(model_cfg), desc=f"{bench} generation ({len(items)} items)")
     refusal = detector.score(responses) if detector else [(None, None)] * len(responses)
     return [
         {"uid": item.uid, "response": response, **_score(bench, item, response, cfg.utility),
@@ -198,6 +199,7 @@ def evaluate_utility(
         detector = RefusalDetector(encoder, refusals, cfg.refusal_threshold) if encoder and refusals else None
         if detector is None:
             notes["null_reasons"]["refusal_rate"] = reason or "no refusal pool given"
+    bar = Progress(len(items), "general ability", "benchmark")
     for bench, bench_items in items.items():
         start = time.perf_counter()  # per-set cost, for sizing the subsets (conf/eval/fast.yaml)
         if bench == "mmlu" and loglik_mmlu:
@@ -206,6 +208,8 @@ def evaluate_utility(
             records = _generation_records(model, tokenizer, bench, bench_items, cfg, model_cfg, detector)
         atomic_write_jsonl(out_dir / RECORD_FILE.format(bench=bench), records)
         notes["seconds"][bench] = round(time.perf_counter() - start, 1)
+        bar.step(note=f"{bench}: {len(records)} items, {notes['seconds'][bench]} s")
+    bar.close()
     metrics = aggregate_utility_from_records(
         {b: read_jsonl(out_dir / RECORD_FILE.format(bench=b)) for b in items})
     notes["z_vs_chance"] = compare_with_chance(metrics)
