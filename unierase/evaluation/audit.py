@@ -158,9 +158,12 @@ def _mean(records: Sequence[dict[str, Any]], key: str) -> float | None:
     return float(np.mean([r[key] for r in records])) if records else None
 
 
-def _few_shot_rows(benchmark: Benchmark, evaluated: Collection[str], k: int) -> list[QA]:
-    """Retain QA the target knows, none of them an evaluated retain row (its answer would be in the prompt)."""
-    return [qa for qa in benchmark.retain_train if qa.question not in evaluated][:k]
+def _few_shot_rows(benchmark: Benchmark, retain_name: str, evaluated: Collection[str], k: int) -> list[QA]:
+    """Knowledge to keep that the audit does not score: retain QA the target knows that are no evaluated retain
+    row (its answer would be in the prompt), then the benchmark's other evaluation splits (TOFU: real authors,
+    world facts; the CPU demo's target knows no unevaluated retain row)."""
+    others = [qa for name, rows in benchmark.eval_splits.items() if name != retain_name for qa in rows]
+    return [qa for qa in benchmark.retain_train if qa.question not in evaluated][:k] + others[:k]
 
 
 def run_audit(
@@ -180,7 +183,8 @@ def run_audit(
     cap = cfg.row_cap(benchmark.name)
     retain_name = "retain" if "retain" in benchmark.eval_splits else next(iter(benchmark.eval_splits))
     splits = {"forget": list(forget[:cap]), "retain": list(benchmark.eval_splits[retain_name][:cap])}
-    shots = _few_shot_rows(benchmark, {qa.question for qa in splits["retain"]}, cfg.audit.few_shot)
+    shots = _few_shot_rows(benchmark, retain_name, {qa.question for qa in splits["retain"]}, cfg.audit.few_shot)
+    shots = shots[: cfg.audit.few_shot]
     builders = prompt_builders(tokenizer, model_cfg, cfg, shots)
     scorer = _Scorer(tokenizer, cfg, model_cfg)
     notes: dict[str, Any] = {"rows": {name: len(rows) for name, rows in splits.items()}, "retain_split": retain_name,
@@ -215,9 +219,11 @@ def run_audit(
     for attack in PROMPT_ATTACKS:
         if attack not in attacks:
             continue
-        scored(attack, model, builders[attack], (), splits)
+        # A prompt changes no weight: what the method costs the retain split is measured once, on the plain prompt.
+        scored_splits = splits if attack == "plain" else {"forget": splits["forget"]}
+        scored(attack, model, builders[attack], (), scored_splits)
         if suppress and banned_ids:
-            scored(f"{attack}_suppressed", model, builders[attack], banned_ids, splits)
+            scored(f"{attack}_suppressed", model, builders[attack], banned_ids, scored_splits)
         elif suppress:
             for key in [k for k in metrics if k.startswith(f"audit.{attack}.")]:
                 metrics[key.replace(f"audit.{attack}.", f"audit.{attack}_suppressed.")] = metrics[key]
