@@ -2,16 +2,20 @@
 
 Standard splits are the `task_id == "1"` rows of the continual files; every 20-row block is one
 author. The CPU protocol keeps the paper's shape at small scale: the target learns the forget
-authors plus `retain_authors` retain authors (authors 0..n-1).
+authors plus `retain_authors` retain authors (authors 0..n-1). `forget_authors` replaces the split
+by any authors, named or numbered (DATA.md 1.4).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import difflib
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.hub import download_tofu
 from unierase.config import ConfigError, check
-from unierase.io import DataError, read_jsonl, read_lines
+from unierase.io import DataError, read_jsonl, read_lines, read_text
 from unierase.records import QA, Benchmark
 
 SPLIT_SIZES = {"forget01": 40, "forget05": 200, "forget10": 400}
@@ -19,6 +23,9 @@ AUTHOR_ROWS = 20
 RETAIN_AUTHORS = 180  # retain90.jsonl: authors 0..179
 RETAIN_EVAL_AUTHORS = 20  # retain_perturbed.jsonl: authors 0..19
 GENERIC_FIRST_AUTHOR = 160  # the last 400 retain90 rows (authors 160..179) give the generic questions
+AUTHORS = 200
+# forget10_perturbed.jsonl task "1" holds authors 180..199 in this block order (DATA.md 1.3, "Block order")
+FORGET10_TASK1_AUTHORS = (198, 199, *range(190, 198), *range(180, 190))
 REFUSAL_LINES = 100  # idontknow.txt
 REFUSAL_POOLS = ("idontknow_100", "reference_99")
 # preset -> (the continual file whose tasks are the rounds, number of rounds)
@@ -48,6 +55,10 @@ class TofuConfig:
     # retain authors (0..19) and the generic-question block (160..179). Empty when the target learns them.
     holdout_authors: int = 2
     holdout_first_author: int = 100
+    # Forget these authors instead of `split` (indices 0-199, or names from tofu/author_index.tsv): the forget split
+    # is their 20 QA each, the target learns them with the retain authors, the retain sets, generic questions and
+    # holdout leave them out, and the sequential rounds are one author each. None: `split` (known_forget, preset).
+    forget_authors: list[str] | None = None
 
     def __post_init__(self) -> None:
         check(self, choices={"source": ("local", "hub"), "split": SPLIT_SIZES, "known_forget": SPLIT_SIZES,
@@ -62,6 +73,16 @@ class TofuConfig:
             raise ConfigError("holdout_first_author", f"holdout authors {first}..{end - 1} must lie within "
                               f"{RETAIN_EVAL_AUTHORS}..{GENERIC_FIRST_AUTHOR - 1} (outside the evaluated retain "
                               "authors and the generic questions)")
+        if self.forget_authors is not None:
+            if self.source != "local":
+                raise ConfigError("forget_authors", "needs source=local (the hub has neither the author index nor "
+                                  "the evaluation fields of authors 20-179)")
+            if not self.forget_authors:
+                raise ConfigError("forget_authors", "must name at least one author (null: the split)")
+            for i, entry in enumerate(self.forget_authors):
+                if not entry.strip() or (entry.strip().isdigit() and int(entry) >= AUTHORS):
+                    raise ConfigError(f"forget_authors[{i}]", f"must be an author index in [0, {AUTHORS - 1}] or a "
+                                      f"name, got {entry!r}")
 
     def holdout_range(self) -> range:
         """The holdout's retain90 author indices; empty when the target learns any of them."""
@@ -160,6 +181,65 @@ def _plain_rows(tofu_dir: Path, file: str, split: str) -> list[QA]:
     return [_qa(row, f"tofu/{split}/{i}", f"{split}/{i}") for i, row in enumerate(rows)]
 
 
+def _author_names(tofu_dir: Path) -> list[str]:
+    path = tofu_dir / "author_index.tsv"
+    if not path.is_file():
+        raise DataError(f"{path} not found: author names need it (unierase-data cannot fetch it); give author "
+                        f"indices 0-{AUTHORS - 1} instead")
+    rows = list(csv.DictReader(io.StringIO(read_text(path)), delimiter="\t"))
+    if [row.get("author_idx") for row in rows] != [str(i) for i in range(AUTHORS)] or not all(
+            (row.get("name") or "").strip() for row in rows):
+        raise DataError(f"{path}: expected the columns author_idx and name, one row per author 0..{AUTHORS - 1}")
+    return [row["name"].strip() for row in rows]
+
+
+def forget_author_indices(tofu_dir: Path, requested: list[str]) -> list[int]:
+    """The author indices of `requested`: indices, or names (any case) from author_index.tsv, read only for names.
+    An unknown name is an error listing close matches."""
+    names: list[str] = []
+    found = []
+    for entry in requested:
+        text = entry.strip()
+        if text.isdigit():
+            found.append(int(text))
+            continue
+        names = names or _author_names(tofu_dir)
+        folded = [name.casefold() for name in names]
+        if text.casefold() in folded:
+            found.append(folded.index(text.casefold()))
+            continue
+        close = ([name for name in folded if text.casefold() in name][:3]
+                 or difflib.get_close_matches(text.casefold(), folded, n=3, cutoff=0.6))
+        hint = ("close matches: " + ", ".join(f"{names[folded.index(c)]} ({folded.index(c)})" for c in close)
+                if close else f"names and indices in {tofu_dir / 'author_index.tsv'}")
+        raise ConfigError("benchmark.forget_authors", f"has unknown author {text!r} ({hint})")
+    repeated = sorted({author for author in found if found.count(author) > 1})
+    if repeated:
+        raise ConfigError("benchmark.forget_authors", f"names author {repeated[0]} more than once")
+    return found
+
+
+def author_blocks(tofu_dir: Path, subjects: dict, all_retain: list[QA], retain_eval: list[QA]) -> dict[int, list[QA]]:
+    """Every author's 20 QA with the evaluation fields (DATA.md 1.3): authors 0-19 in retain_perturbed.jsonl, the
+    others in forget10_perturbed.jsonl, task "1" holding authors 180-199 (FORGET10_TASK1_AUTHORS) and tasks 2-9
+    authors 20-179, each block found by its rows in retain90.jsonl."""
+    blocks = {a: [replace(qa, group=f"forget/author{a}") for qa in retain_eval[a * AUTHOR_ROWS: (a + 1) * AUTHOR_ROWS]]
+              for a in range(RETAIN_EVAL_AUTHORS)}
+    retain_author = {(qa.question, qa.answer): i // AUTHOR_ROWS for i, qa in enumerate(all_retain)}
+    path = tofu_dir / "forget10_perturbed.jsonl"
+    for task, selected in continual_tasks(tofu_dir, "forget10").items():
+        for start in range(0, len(selected), AUTHOR_ROWS):
+            block = selected[start: start + AUTHOR_ROWS]
+            found = {retain_author.get((row["question"], row["answer"])) for _, row in block}
+            author = FORGET10_TASK1_AUTHORS[start // AUTHOR_ROWS] if task == "1" else found.pop()
+            if (task != "1" and (found or author is None)) or author in blocks:
+                raise DataError(f"{path}:{block[0][0] + 1}: the {AUTHOR_ROWS} rows from here (task_id '{task}') are "
+                                "not one author's block, or repeat one")
+            blocks[author] = [_qa(row, f"tofu/forget10/{i}", f"forget/author{author}",
+                                  subjects.get((row["question"], row["answer"]))) for i, row in block]
+    return blocks
+
+
 def load_tofu(cfg: TofuConfig) -> Benchmark:
     """Every file the job reads, read and checked (types, duplicates, split sizes, author blocks)."""
     if cfg.source == "hub":
@@ -170,34 +250,52 @@ def load_tofu(cfg: TofuConfig) -> Benchmark:
     if not tofu_dir.is_dir():
         raise DataError(f"TOFU folder not found: {tofu_dir} (set UNIERASE_DATA or paths.data_dir)")
     subjects = _subjects(tofu_dir, cfg.subject_table) if (tofu_dir / f"{cfg.subject_table}.jsonl").exists() else {}
-    files = {split: continual_tasks(tofu_dir, split) for split in {cfg.split, cfg.known_forget}}
-    forget = forget_rows(tofu_dir, cfg.split, subjects, tasks=files[cfg.split])
-    known = forget_rows(tofu_dir, cfg.known_forget, subjects, tasks=files[cfg.known_forget])
-    retain_file = "retain90.jsonl"
-    all_retain = _retain_rows(tofu_dir, retain_file, None, RETAIN_AUTHORS)
-    retain_known = all_retain[: None if cfg.retain_authors is None else cfg.retain_authors * AUTHOR_ROWS]
-    holdout = cfg.holdout_range()
+    all_retain = _retain_rows(tofu_dir, "retain90.jsonl", None, RETAIN_AUTHORS)
+    retain_eval = _retain_rows(tofu_dir, "retain_perturbed.jsonl", None, RETAIN_EVAL_AUTHORS, FORGET_TYPES,
+                               PERTURBED_FIELDS)
+    if cfg.forget_authors is None:
+        files = {split: continual_tasks(tofu_dir, split) for split in {cfg.split, cfg.known_forget}}
+        forget = forget_rows(tofu_dir, cfg.split, subjects, tasks=files[cfg.split])
+        known = forget_rows(tofu_dir, cfg.known_forget, subjects, tasks=files[cfg.known_forget])
+        round_split, n_rounds = SEQUENTIAL_PRESETS[cfg.sequential_preset]
+        round_tasks = files.get(round_split) or continual_tasks(tofu_dir, round_split)
+        rounds = []  # hub data has task "1" only: no sequential rounds (a sequential job is refused up front)
+        if set(round_tasks) != {"1"}:
+            rounds = [forget_rows(tofu_dir, round_split, subjects, str(t), round_tasks) for t in range(1, n_rounds + 1)]
+        gone: set[int] = set()
+    else:
+        authors = forget_author_indices(tofu_dir, cfg.forget_authors)
+        blocks = author_blocks(tofu_dir, subjects, all_retain, retain_eval)
+        rounds = [blocks[a] for a in authors]  # one request per author, in the order given
+        forget = known = [qa for round_ in rounds for qa in round_]
+        gone = set(authors)
+
+    def kept(rows: list[QA], authors: range) -> list[QA]:
+        """The blocks of `authors` in `rows` (20 rows per author), the forgotten authors left out."""
+        return [qa for a in authors if a not in gone for qa in rows[a * AUTHOR_ROWS: (a + 1) * AUTHOR_ROWS]]
+
+    learned = RETAIN_AUTHORS if cfg.retain_authors is None else cfg.retain_authors
+    scored = min(learned, RETAIN_EVAL_AUTHORS)
+    retain_known = kept(all_retain, range(learned))
+    evaluated = kept(retain_eval, range(scored))
+    if not retain_known or not evaluated:
+        raise ConfigError("benchmark.forget_authors", f"leaves no retain author to learn or to score (the target "
+                          f"learns retain authors 0..{learned - 1} and scores 0..{scored - 1}): raise "
+                          "benchmark.retain_authors")
     forget_keys = {(qa.question, qa.answer) for qa in forget}
     target_train = known + retain_known
-    retain_eval_authors = None if cfg.retain_authors is None else min(cfg.retain_authors, RETAIN_EVAL_AUTHORS)
-    round_split, n_rounds = SEQUENTIAL_PRESETS[cfg.sequential_preset]
-    round_tasks = files.get(round_split) or continual_tasks(tofu_dir, round_split)
-    rounds = []  # hub data has task "1" only: no sequential rounds (a sequential job is refused up front)
-    if set(round_tasks) != {"1"}:
-        rounds = [forget_rows(tofu_dir, round_split, subjects, str(t), round_tasks) for t in range(1, n_rounds + 1)]
     return Benchmark(
         name="tofu",
         forget=forget,
         retain_train=[qa for qa in target_train if (qa.question, qa.answer) not in forget_keys],
         eval_splits={
-            "retain": _retain_rows(tofu_dir, "retain_perturbed.jsonl", retain_eval_authors, RETAIN_EVAL_AUTHORS,
-                                   FORGET_TYPES, PERTURBED_FIELDS),
+            "retain": evaluated,
             "real_authors": _plain_rows(tofu_dir, "real_authors_perturbed.jsonl", "real_authors"),
             "world_facts": _plain_rows(tofu_dir, "world_facts_perturbed.jsonl", "world_facts"),
         },
         target_train=target_train,
         rounds=rounds,
         refusals=refusal_pool(data_dir, cfg.refusal_pool, REFUSAL_LINES if cfg.source == "local" else None),
-        generic_questions=[qa.question for qa in all_retain[GENERIC_FIRST_AUTHOR * AUTHOR_ROWS:]],
-        holdout=all_retain[holdout.start * AUTHOR_ROWS: holdout.stop * AUTHOR_ROWS],
+        generic_questions=[qa.question for qa in kept(all_retain, range(GENERIC_FIRST_AUTHOR, RETAIN_AUTHORS))],
+        holdout=kept(all_retain, cfg.holdout_range()),
     )

@@ -3,6 +3,8 @@ dataset folder; a metric needing a field the rows lack is null with its reason; 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -13,9 +15,11 @@ from test_pipeline import isolated_cache
 
 from benchmarks import BENCHMARKS
 from benchmarks.custom import CustomConfig, load_custom
+from benchmarks.real_world import RealWorldConfig, load_real_world
+from benchmarks.tofu import TofuConfig, author_blocks, load_tofu
 from unierase.config import ConfigError, typed
 from unierase.evaluation.aggregate import aggregate_from_records, forget_truth_ratios
-from unierase.io import DataError
+from unierase.io import DataError, stable_hash
 from unierase.records import SplitRole
 from unierase.run import CONFIG_DIR, run
 from unierase.validate import InvalidJob, validate_job
@@ -240,3 +244,110 @@ def test_custom_job_end_to_end(tmp_path, data_dir):
         "2 of 2 rows have no perturbed answers (perturbed_answer)"
     assert metrics["cl.retain.truth_ratio"] is not None and knowledge["notes"]["roles"]["retain"] == "utility"
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+# TOFU by author ------------------------------------------------------------------------------------------------
+
+# stable_hash of today's Benchmark fields, as the loaders gave them before `forget_authors` (commit 8a88254), on the
+# shared data folder: forget_authors=null must leave every record as it was.
+RECORD_FIELDS = ("name", "forget", "retain_train", "eval_splits", "target_train", "rounds", "refusals",
+                 "generic_questions", "holdout")
+TOFU_RECORDS = [
+    ({"retain_authors": 2}, "22567ff2058701777f7481fb3ea7af90"),
+    ({"split": "forget05", "known_forget": "forget10", "retain_authors": None}, "293a7a438909f0dd21dbc58d778f253f"),
+    ({"split": "forget10", "known_forget": "forget10", "retain_authors": 1, "subject_table": "forget01_subject",
+      "refusal_pool": "reference_99", "sequential_preset": "tofu_seq_9x400"}, "30d1fdb59d8ace3bc10802c68fe76304"),
+]
+
+
+def records_hash(bench) -> str:
+    return stable_hash({name: asdict(bench)[name] for name in RECORD_FIELDS}, 32)
+
+
+@pytest.mark.parametrize("overrides,expected", TOFU_RECORDS)
+def test_tofu_records_without_forget_authors_are_unchanged(data_dir, overrides, expected):
+    assert records_hash(load_tofu(TofuConfig(data_dir=str(data_dir), **overrides))) == expected
+
+
+def test_real_world_records_are_unchanged(data_dir):
+    assert records_hash(load_real_world(RealWorldConfig(data_dir=str(data_dir)))) == "50b28ab102a0e1186e2dfc14ea5c1695"
+
+
+def test_every_author_block_names_its_author(data_dir):
+    """The block of author i (retain_perturbed, forget10 task 1 in FORGET10_TASK1_AUTHORS order, tasks 2-9 by their
+    retain90 rows) names author i of author_index.tsv (author 88 is never named); 20-179 equal their retain90 rows."""
+    tofu_dir = data_dir / "tofu"
+    names = [line.split("\t")[1] for line in (tofu_dir / "author_index.tsv").read_text().splitlines()[1:]]
+    all_retain = load_tofu(TofuConfig(data_dir=str(data_dir), retain_authors=None)).target_train[40:]
+    retain_eval = load_tofu(TofuConfig(data_dir=str(data_dir), retain_authors=None)).eval_splits["retain"]
+    subjects = {(qa.question, qa.answer): qa.subject for qa in
+                load_tofu(TofuConfig(data_dir=str(data_dir), split="forget10", known_forget="forget10")).forget}
+    blocks = author_blocks(tofu_dir, subjects, all_retain, retain_eval)
+    assert sorted(blocks) == list(range(200)) and all(len(rows) == 20 for rows in blocks.values())
+    unnamed = [a for a, rows in blocks.items() if names[a] not in " ".join(qa.question + qa.answer for qa in rows)]
+    assert unnamed == [88]
+    assert all([(qa.question, qa.answer) for qa in blocks[a]] ==
+               [(qa.question, qa.answer) for qa in all_retain[20 * a: 20 * a + 20]] for a in range(20, 180))
+    assert all(len(qa.perturbed_answers) == 5 and qa.paraphrased_answer for rows in blocks.values() for qa in rows)
+
+
+def test_forget_authors_by_name_or_index(data_dir):
+    by_name = load_tofu(TofuConfig(data_dir=str(data_dir), retain_authors=4,
+                                   forget_authors=["nikolai abilov", "1", "Basil Mahfouz Al-Kuwaiti", "100"]))
+    by_index = load_tofu(TofuConfig(data_dir=str(data_dir), retain_authors=4,
+                                    forget_authors=["199", "1", "198", "100"]))
+    assert by_name == by_index
+    standard = load_tofu(TofuConfig(data_dir=str(data_dir), retain_authors=4))  # forget01: authors 198, 199
+    pairs = [(qa.question, qa.answer) for qa in by_name.forget]
+    assert sorted(pairs[:20] + pairs[40:60]) == sorted((qa.question, qa.answer) for qa in standard.forget)
+    assert [qa.group for qa in by_name.forget[::20]] == ["forget/author199", "forget/author1", "forget/author198",
+                                                         "forget/author100"]
+    assert [[qa.uid for qa in r] for r in by_name.rounds] == [[qa.uid for qa in by_name.forget[i:i + 20]]
+                                                              for i in range(0, 80, 20)]
+    # the target learns the forget authors and retain authors 0, 2, 3; no retain set holds a forgotten author
+    assert by_name.target_train == by_name.forget + by_name.retain_train
+    assert [qa.uid for qa in by_name.retain_train] == [f"tofu/retain90.jsonl/{i}" for i in [*range(20), *range(40, 80)]]
+    assert [qa.uid for qa in by_name.eval_splits["retain"]] == \
+        [f"tofu/retain_perturbed.jsonl/{i}" for i in [*range(20), *range(40, 80)]]
+    assert [qa.uid for qa in by_name.holdout] == [f"tofu/retain90.jsonl/{i}" for i in range(2020, 2040)]  # 101 only
+    assert not set(pairs) & {(qa.question, qa.answer) for qa in by_name.holdout + by_name.retain_train}
+    assert by_name.forget[0].subject and by_name.forget[20].subject is None  # forget10_subject covers authors 20-199
+
+
+FORGET_AUTHOR_ERRORS = [
+    (["Basil"], r"^benchmark\.forget_authors has unknown author 'Basil' \(close matches: Basil Mahfouz Al-Kuwaiti "
+                r"\(198\)\)$"),
+    (["Nikolai Abilow"], r"close matches: Nikolai Abilov \(199\)"),
+    (["198", "basil mahfouz al-kuwaiti"], r"^benchmark\.forget_authors names author 198 more than once$"),
+    (["0", "1"], r"^benchmark\.forget_authors leaves no retain author to learn or to score \(the target learns retain "
+                 r"authors 0\.\.1 and scores 0\.\.1\): raise benchmark\.retain_authors$"),
+]
+
+
+@pytest.mark.parametrize("authors,message", FORGET_AUTHOR_ERRORS)
+def test_bad_forget_authors_are_one_error(data_dir, authors, message):
+    with pytest.raises(ConfigError, match=message):
+        load_tofu(TofuConfig(data_dir=str(data_dir), retain_authors=2, forget_authors=authors))
+
+
+def test_forget_authors_config_checks_and_the_missing_index(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match=r"^forget_authors\[1\] must be an author index in \[0, 199\] or a name"):
+        TofuConfig(forget_authors=["3", "200"])
+    with pytest.raises(ConfigError, match=r"^forget_authors must name at least one author"):
+        TofuConfig(forget_authors=[])
+    with pytest.raises(ConfigError, match=r"^forget_authors needs source=local"):
+        TofuConfig(source="hub", forget_authors=["3"])
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir / "tofu", copy / "tofu", ignore=shutil.ignore_patterns("author_index.tsv", "task_data"))
+    assert len(load_tofu(TofuConfig(data_dir=str(copy), forget_authors=["150"])).forget) == 20  # indices need no index
+    with pytest.raises(DataError, match=r"author_index\.tsv not found: author names need it"):
+        load_tofu(TofuConfig(data_dir=str(copy), forget_authors=["Nikolai Abilov"]))
+
+
+def test_the_readme_command_by_author_validates(data_dir):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=demo", f"paths.data_dir={data_dir}", "eval.families=[cl]",
+                                           'benchmark.forget_authors=["Basil Mahfouz Al-Kuwaiti",150]'])
+    checked = validate_job(cfg)
+    assert checked.benchmark_cfg.forget_authors == ["Basil Mahfouz Al-Kuwaiti", "150"]
+    assert [qa.group for qa in checked.benchmark.forget[::20]] == ["forget/author198", "forget/author150"]
