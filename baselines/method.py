@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from baselines.data import PairedUnlearningDataset, collate_paired
+from baselines.lora import LoRAConfig, add_adapters, check_target_modules, merge_adapters, trainable_fraction
 from baselines.losses import FORGET_TERMS, REGULARISERS
 from baselines.module import UnlearningModule, needs_reference, required_parts
 from unierase.config import check
@@ -36,6 +38,7 @@ class RecipeConfig:
     weight_decay: float = 0.01
     max_length: int = 128
     seed: int = 1001
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # off: every weight trains
 
     def __post_init__(self) -> None:
         check(self, at_least={"epochs": 1, "batch_size": 1, "grad_accum": 1, "max_length": 2, "weight_decay": 0},
@@ -80,6 +83,7 @@ class FinetuneUnlearner(Unlearner):
         self.cfg = cfg
         self.forgotten: set[tuple[str, str]] = set()
         self.fixed_reference: PreTrainedModel | None = None
+        self.trainable_fraction: float | None = None  # of the last request's training
 
     @property
     def uses_reference(self) -> bool:
@@ -87,6 +91,8 @@ class FinetuneUnlearner(Unlearner):
 
     def prepare(self, model: PreTrainedModel, tokenizer: Any, questions: list[QA], benchmark: Benchmark,
                 ctx: RunContext) -> PreTrainedModel:
+        if self.cfg.recipe.lora.enabled:  # a wrong module name fails here, before any training
+            check_target_modules(model, self.cfg.recipe.lora)
         if self.cfg.fix_ref_model and self.uses_reference:
             self.fixed_reference = copy_model(model)
         return model
@@ -98,8 +104,20 @@ class FinetuneUnlearner(Unlearner):
 
     def unlearn(self, model: PreTrainedModel, tokenizer: Any, request: list[QA], benchmark: Benchmark,
                 ctx: RunContext) -> PreTrainedModel:
+        lora = self.cfg.recipe.lora
+        L.seed_everything(self.cfg.recipe.seed, workers=True, verbose=False)  # before the adapters' random init
+        reference = None
+        if self.uses_reference:  # frozen copy of the model at the start of this request, made before any adapter
+            reference = self.fixed_reference or copy_model(model)
+        trainable = add_adapters(model, lora) if lora.enabled else model
+        self.train(trainable, reference, tokenizer, request, benchmark, ctx)
+        self.forgotten |= {(qa.question, qa.answer) for qa in request}
+        return (merge_adapters(trainable) if lora.enabled else trainable).eval()
+
+    def train(self, model: nn.Module, reference: PreTrainedModel | None, tokenizer: Any, request: list[QA],
+              benchmark: Benchmark, ctx: RunContext) -> None:
+        """Train `model`'s trainable parameters (all, or only its adapters) on `request`, in place."""
         cfg, recipe = self.cfg, self.cfg.recipe
-        L.seed_everything(recipe.seed, workers=True, verbose=False)
         retain = self.retain_set(benchmark, request)
 
         def encode(question: str, answer: str) -> dict:
@@ -113,9 +131,6 @@ class FinetuneUnlearner(Unlearner):
         requested = ctx.trainer_cfg.devices
         devices = requested if isinstance(requested, int) and requested > 0 else 1
         max_steps, warmup = schedule(len(request), recipe, devices)
-        reference = None
-        if self.uses_reference:  # frozen copy of the model at the start of this request
-            reference = self.fixed_reference or copy_model(model)
         module = UnlearningModule(
             model, reference, forget=cfg.forget_loss, regulariser=cfg.regulariser,
             forget_coeff=cfg.forget_coeff, regularization_coeff=cfg.regularization_coeff, beta=cfg.beta,
@@ -126,9 +141,11 @@ class FinetuneUnlearner(Unlearner):
         trainer = make_trainer(ctx.trainer_cfg, ctx.loggers or False, max_steps=max_steps, max_epochs=-1,
                                accumulate_grad_batches=recipe.grad_accum)
         batches = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=False, collate_fn=collate_paired)
+        self.trainable_fraction = trainable_fraction(model)
         fit(trainer, module, batches)
-        self.forgotten |= {(qa.question, qa.answer) for qa in request}
-        return model.eval()
+
+    def metrics(self, model: PreTrainedModel) -> dict[str, float]:
+        return {} if self.trainable_fraction is None else {"baseline.trainable_fraction": self.trainable_fraction}
 
     def save_state(self, directory: Path, model: PreTrainedModel, tokenizer: Any) -> None:
         super().save_state(directory, model, tokenizer)
