@@ -146,6 +146,36 @@ def test_unierase_protects_token_keys_with_continuation_targets(tmp_path, data_d
         assert state.protect_keys[layer].shape[1] == protected_positions
 
 
+def test_alphaedit_refusal_targets_the_refusal_itself(tiny):
+    """The ablation row (method.learned_token=false): each request's target is its refusal's first token, and
+    the continuation is the rest of the refusal and the turn end."""
+    from unierase.config import ConfigError
+    from unierase.edit import EditConfig
+    from unierase.models import turn_end_id
+    from unierase.records import QA
+    from unierase.unierase import UniErase, UniEraseConfig
+
+    _, tokenizer = tiny
+    method = UniErase(UniEraseConfig(learned_token=False, edit=EditConfig(protect="none")))
+    method.pool = ["I'm not sure about that.", "I have no idea."]
+    (edit,) = method.requests(tokenizer, [QA(uid="q", question="Who wrote it?", answer="Jane.", group="a")])
+    ids = [edit.target_id, *edit.continuation]
+    assert ids[-1] == turn_end_id(tokenizer)
+    assert tokenizer.decode(ids[:-1]) in method.pool and method.token_texts(tokenizer) == []
+    with pytest.raises(ConfigError, match="token_keys"):
+        UniEraseConfig(learned_token=False, edit=EditConfig(protect="token_keys"))
+
+
+@pytest.mark.slow
+def test_alphaedit_refusal_edits_without_adding_a_token(tmp_path, data_dir):
+    metrics, run_dir = run_job(tmp_path, TINY_UNIERASE + ["method.learned_token=false", "method.edit.protect=none"],
+                               isolated_cache(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    assert not [t for t in tokenizer.get_vocab() if t.startswith("<unlearn_")]
+    assert not (tmp_path / "cache" / "tokens").exists() and metrics["unierase.token_cached"] == 0.0
+    assert metrics["unierase.first_token_rate"] is not None
+
+
 @pytest.mark.slow
 def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, data_dir):
     overrides = ["method=ga_gd", "setting=sequential", "setting.rounds=3", "benchmark.known_forget=forget10",

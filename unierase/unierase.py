@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from unierase.config import check
+from unierase.config import ConfigError, check
 from unierase.context import RunContext
 from unierase.edit import (
     EditConfig,
@@ -28,7 +28,7 @@ from unierase.edit import (
 )
 from unierase.evaluation.engine import generate_ids
 from unierase.method import Unlearner
-from unierase.models import ModelConfig, autocast_dtype, chat_prompt
+from unierase.models import ModelConfig, autocast_dtype, chat_prompt, turn_end_id
 from unierase.records import QA, Benchmark
 from unierase.token import TokenArtifact, TokenConfig, artifact_key, refusal_for, train_unlearning_token
 
@@ -42,9 +42,16 @@ class UniEraseConfig:
     token: TokenConfig = field(default_factory=TokenConfig)
     edit: EditConfig = field(default_factory=EditConfig)
     generic_questions: int = 400  # token.train_on=generic: how many generic questions train it
+    # false: the reviewers' ablation (conf/method/alphaedit_refusal.yaml): no unlearning token; the same edit makes
+    # each question's first answer token the first token of its refusal (value_target=token_continuation: the
+    # whole refusal, then the turn end).
+    learned_token: bool = True
 
     def __post_init__(self) -> None:
         check(self, choices={"kind": ("unierase",)}, at_least={"generic_questions": 1})
+        if not self.learned_token and self.edit.protect == "token_keys":
+            raise ConfigError("edit.protect", "is token_keys, which protects the unlearning token's training texts: "
+                              "with learned_token=false there is no token (use none or retain_keys)")
 
 
 def first_token_rate(model: PreTrainedModel, tokenizer: Any, edits: list[EditRequest], model_cfg: ModelConfig) -> float:
@@ -65,6 +72,7 @@ class UniErase(Unlearner):
         self.timings: dict[str, float] = {}
         self.cache_hits: dict[str, bool] = {}
         self.first_token_rate: float | None = None  # of the latest request
+        self.pool: list[str] = []  # the refusal lines questions are paired with
 
     def _token(self, model: PreTrainedModel, tokenizer: Any, questions: list[str], benchmark: Benchmark,
                ctx: RunContext) -> TokenArtifact:
@@ -88,11 +96,15 @@ class UniErase(Unlearner):
                 ctx: RunContext) -> PreTrainedModel:
         start = time.perf_counter()
         self.model_cfg = ctx.model_cfg
-        if self.cfg.token.train_on == "generic":
-            texts = benchmark.generic_questions[: self.cfg.generic_questions]
+        if not self.cfg.learned_token:
+            self.pool = list(benchmark.refusals)[: self.cfg.token.refusal_lines]
         else:
-            texts = [qa.question for qa in questions]
-        self.artifact = self._token(model, tokenizer, texts, benchmark, ctx)
+            if self.cfg.token.train_on == "generic":
+                texts = benchmark.generic_questions[: self.cfg.generic_questions]
+            else:
+                texts = [qa.question for qa in questions]
+            self.artifact = self._token(model, tokenizer, texts, benchmark, ctx)
+            self.pool = self.artifact.pool
         self.timings["time.token_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -112,26 +124,34 @@ class UniErase(Unlearner):
 
     def continuation(self, tokenizer: Any, question: str, token: str) -> tuple[int, ...]:
         """The refusal Stage A pairs with `question`, then the closing token (2.3, 2.5)."""
-        refusal = refusal_for(question, self.artifact.pool, self.cfg.token.refusal_salt)
+        refusal = refusal_for(question, self.pool, self.cfg.token.refusal_salt)
         ids = tuple(tokenizer(token + refusal + token, add_special_tokens=False).input_ids)
         if ids[0] != tokenizer.convert_tokens_to_ids(token):
             raise ValueError(f"{token!r} does not tokenise as one token at the start of {token + refusal!r}")
         return ids
 
+    def refusal_ids(self, tokenizer: Any, question: str) -> tuple[int, ...]:
+        """learned_token=false: the question's refusal, then the turn end (the answer the edit writes directly)."""
+        refusal = refusal_for(question, self.pool, self.cfg.token.refusal_salt)
+        return (*tokenizer(refusal, add_special_tokens=False).input_ids, turn_end_id(tokenizer))
+
     def token_texts(self, tokenizer: Any) -> list[tuple[str, tuple[int, ...]]]:
         """Stage A's training texts as (question, U + refusal + U ids), for edit.protect=token_keys."""
+        if self.artifact is None:
+            return []
         return [(question, self.continuation(tokenizer, question, token))
                 for question, token in self.artifact.token_of.items()]
 
     def requests(self, tokenizer: Any, request: list[QA]) -> list[EditRequest]:
         """One request per QA; under edit.value_target=token_continuation its continuation is the
         question's refusal and the closing token, as Stage A trained them."""
-        token_of = self.artifact.token_of
-        default = self.artifact.tokens[0]  # a universal token serves every question
         edits = []
         for qa in request:
-            token = token_of.get(qa.question, default)
-            token_id, *continuation = self.continuation(tokenizer, qa.question, token)
+            if self.artifact is None:
+                token_id, *continuation = self.refusal_ids(tokenizer, qa.question)
+            else:  # a universal token serves every question
+                token = self.artifact.token_of.get(qa.question, self.artifact.tokens[0])
+                token_id, *continuation = self.continuation(tokenizer, qa.question, token)
             edits.append(EditRequest(qa.question, qa.subject, token_id, qa.uid, tuple(continuation)))
         return edits
 
