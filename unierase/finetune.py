@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from unierase.config import check
-from unierase.models import IGNORE_INDEX, ModelConfig, decoder_body, encode_qa
+from unierase.models import IGNORE_INDEX, ModelConfig, decoder_body, encode_qa, output_logits
 from unierase.records import QA
 from unierase.training import TrainerConfig, fit, loader, make_trainer
 
@@ -36,13 +36,14 @@ class FinetuneConfig:
 def answer_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """`model(**batch).loss` (mean next-token NLL over the labelled tokens), with the vocabulary projected
     only at labelled positions: whole-sequence logits and their float32 copies are most of the memory a
-    fine-tuning step adds to the model and optimiser state."""
+    fine-tuning step adds to the model and optimiser state. `output_logits` applies what the model's forward
+    does after its lm_head (Gemma 2's soft-capping)."""
     body = decoder_body(model)
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]
     labelled = labels != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][labelled])
+    logits = output_logits(model, hidden[:, :-1][labelled])
     return F.cross_entropy(logits.float(), labels[labelled])
 
 

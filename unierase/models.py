@@ -4,7 +4,12 @@ Three sources, chosen by `model.source`:
 - `hub`: a Hugging Face id or a local directory (real users; never `trust_remote_code` unless asked);
 - `package_gguf`: a GGUF file shipped inside an installed Python package (the embedded SmolLM2),
   dequantised once and cached as safetensors;
-- `tiny_random`: a tiny random Llama with the package model's tokenizer, for tests.
+- `tiny_random`: a tiny random model of one family (`model.family`: Llama by default, or Qwen2, Qwen3,
+  Mistral, Gemma 2, Gemma 3, Phi-3) with the package model's tokenizer, for tests.
+
+Family quirks are detected from the model rather than its name where they can be: the chat template's
+system role and turn end (by rendering), the input embedding's scale (Gemma), the logits' soft-capping
+(Gemma 2), the KV-cache argument name.
 """
 from __future__ import annotations
 
@@ -18,7 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from jinja2 import TemplateError
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from unierase.config import ConfigError, check
@@ -28,6 +46,13 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("hub", "package_gguf", "tiny_random")
 DTYPES = ("bfloat16", "float16", "float32")
+# The tiny random model's architectures: each family's transformers config class. Their MLPs all end in
+# `mlp.down_proj` under `model.layers.{}` (Phi-3 fuses gate and up into `gate_up_proj`, its down_proj is separate).
+TINY_FAMILIES: dict[str, type[PretrainedConfig]] = {
+    "llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
+    "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config,
+}
+DEFAULT_FAMILY = "llama"
 TINY_SIZES = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "max_position_embeddings"}
 
@@ -44,20 +69,25 @@ class ModelConfig:
     trust_remote_code: bool = False
     system_prompt: str | None = None  # None keeps the template's default system message
     date_string: str = "26 Jul 2024"  # pinned for templates that insert today's date
-    tiny: dict[str, Any] = field(default_factory=dict)  # LlamaConfig overrides for tiny_random
+    family: str = DEFAULT_FAMILY  # tiny_random only: the architecture (TINY_FAMILIES); others bring their own
+    tiny: dict[str, Any] = field(default_factory=dict)  # the family config class's overrides for tiny_random
     layer_template: str = "model.layers.{}"
     down_proj_template: str = "model.layers.{}.mlp.down_proj"
 
     def __post_init__(self) -> None:
-        check(self, choices={"source": SOURCES, "dtype": DTYPES})
+        check(self, choices={"source": SOURCES, "dtype": DTYPES, "family": tuple(TINY_FAMILIES)})
+        if self.family != DEFAULT_FAMILY and self.source != "tiny_random":
+            raise ConfigError("family", f"picks a tiny_random model's architecture; a {self.source} model brings "
+                              f"its own, got {self.family!r}")
         if "/" not in self.attn_implementation:  # "org/repo": an attention kernel from the hub
             check(self, choices={"attn_implementation": ("eager", *ALL_ATTENTION_FUNCTIONS.valid_keys())})
         for name in ("layer_template", "down_proj_template"):
             if getattr(self, name).count("{}") != 1:
                 raise ConfigError(name, f"must contain '{{}}' (the layer index) once, got {getattr(self, name)!r}")
-        unknown = sorted(set(self.tiny) - set(LlamaConfig().to_dict())) if self.tiny else []
+        config_class = TINY_FAMILIES[self.family]
+        unknown = sorted(set(self.tiny) - set(config_class().to_dict())) if self.tiny else []
         if unknown:
-            raise ConfigError("tiny", f"has unknown LlamaConfig key(s) {unknown}")
+            raise ConfigError("tiny", f"has unknown {config_class.__name__} key(s) {unknown}")
         for key in TINY_SIZES & set(self.tiny):
             value = self.tiny[key]
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -108,10 +138,14 @@ def _tiny_random(cfg: ModelConfig, cache_root: Path, seed: int) -> tuple[PreTrai
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     params.update(cfg.tiny)
+    config_class = TINY_FAMILIES[cfg.family]
+    if "head_dim" in config_class().to_dict() and "head_dim" not in cfg.tiny:
+        # Qwen3, Mistral and Gemma default to 128- or 256-wide heads: keep Llama's hidden / heads.
+        params["head_dim"] = params["hidden_size"] // params["num_attention_heads"]
     torch.manual_seed(seed)
-    config = LlamaConfig(**params)
-    config._attn_implementation = cfg.attn_implementation
-    return LlamaForCausalLM(config), tokenizer
+    # from_config checks that the family supports the attention implementation (Gemma 2: eager only).
+    model = AutoModelForCausalLM.from_config(config_class(**params), attn_implementation=cfg.attn_implementation)
+    return model, tokenizer
 
 
 def base_identity(cfg: ModelConfig, seed: int) -> str:
@@ -120,6 +154,8 @@ def base_identity(cfg: ModelConfig, seed: int) -> str:
                                 if k in ("name", "source", "path", "package", "gguf_file", "tiny")}
     if cfg.source == "tiny_random":
         identity["seed"] = seed
+        if cfg.family != DEFAULT_FAMILY:  # left out for Llama, so the existing tiny models keep their keys
+            identity["family"] = cfg.family
     return f"{cfg.name}-{stable_hash(identity, 12)}"
 
 
@@ -145,7 +181,9 @@ def load_model(cfg: ModelConfig, cache_root: Path, seed: int = 0) -> tuple[PreTr
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device()).eval(), tokenizer
+    model = model.to(device()).eval()
+    check_output_logits(model)
+    return model, tokenizer
 
 
 def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> None:
@@ -215,15 +253,85 @@ def module_by_name(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise ValueError(f"model {type(model).__name__} has no module '{name}'") from err
 
 
-_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>")
+def output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from final hidden states: its lm_head, then what its forward does after it."""
+    return finish_logits(model, model.get_output_embeddings()(hidden))
+
+
+def finish_logits(model: PreTrainedModel, logits: torch.Tensor) -> torch.Tensor:
+    """What the model's forward does to the lm_head's output: Gemma 2's final-logit soft-capping, as
+    transformers writes it (divide, tanh, multiply); other families leave them as they are. `load_model`
+    checks that this reproduces the model's own logits."""
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+@torch.no_grad()
+def check_output_logits(model: PreTrainedModel, length: int = 4) -> None:
+    """Raise if `output_logits` on the decoder body's output differs from the model's own logits: a family
+    that post-processes them in some other way would be trained and edited against logits it never scores."""
+    ids = torch.arange(1, length + 1, device=next(model.parameters()).device)[None]
+    hidden = decoder_body(model)(input_ids=ids, use_cache=False).last_hidden_state
+    ours, own = output_logits(model, hidden).float(), model(input_ids=ids, use_cache=False).logits.float()
+    if not torch.allclose(ours, own, rtol=1e-3, atol=1e-3):
+        raise ValueError(f"{type(model).__name__} post-processes its logits in a way unierase does not reproduce "
+                         f"(max difference {(ours - own).abs().max().item():.3g}); see models.finish_logits")
+
+
+@torch.no_grad()
+def embedding_scale(model: PreTrainedModel) -> float:
+    """The factor the input-embedding module multiplies its rows by: sqrt(hidden_size) for Gemma, 1 for most
+    families. Code that splices its own rows into `inputs_embeds` must scale them alike. Measured on the
+    longest row; an embedding that does more than scale its rows is refused."""
+    embedding = model.get_input_embeddings()
+    probe = int(embedding.weight.norm(dim=-1).argmax())
+    row = embedding.weight[probe].float()
+    out = embedding(torch.tensor([probe], device=row.device))[0].float()
+    scale = float(out @ row / (row @ row))
+    if not torch.allclose(out, scale * row, rtol=1e-2, atol=1e-2 * float(out.abs().max())):
+        raise ValueError(f"{type(embedding).__name__} does more than scale its rows: spliced rows would differ "
+                         "from looked-up ones")
+    return scale
+
+
+_PROBE = "Xq7Zunierase"  # a marker to find in rendered templates (no template trims or rewrites it)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], cfg: ModelConfig,
+                add_generation_prompt: bool = True) -> str:
+    """Render messages with the chat template, the date pinned and thinking off (Qwen3: answers start right
+    after the prompt). A leading system turn goes into the first user turn, after a blank line (as Gemma 3's
+    template does itself), where the template rejects or drops a system role (Gemma 2)."""
+    if messages and messages[0]["role"] == "system" and not accepts_system_role(tokenizer):
+        system, first, *rest = messages
+        messages = [{"role": first["role"], "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         date_string=cfg.date_string, enable_thinking=False)
+
+
+def accepts_system_role(tokenizer: Any) -> bool:
+    """Whether the chat template renders a system turn, found by rendering one."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": _PROBE}, {"role": "user", "content": "Q"}],
+                                             tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    except TemplateError:  # e.g. Gemma 2's raise_exception('System role not supported')
+        return False
+    return _PROBE in text
 
 
 def turn_end_id(tokenizer: Any) -> int:
-    """The token the chat template closes an assistant turn with."""
-    for token in _TURN_END_TOKENS:
-        if token in tokenizer.get_vocab():
-            return tokenizer.convert_tokens_to_ids(token)
-    return tokenizer.eos_token_id
+    """The token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>,
+    <|end|>, </s>), found by rendering one: the first added token after the answer, else the eos token."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _PROBE}], tokenize=False,
+        add_generation_prompt=False, enable_thinking=False,
+    )
+    added = tokenizer.added_tokens_decoder
+    after = text[text.index(_PROBE) + len(_PROBE):]
+    return next((i for i in tokenizer(after, add_special_tokens=False).input_ids if i in added),
+                tokenizer.eos_token_id)
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
@@ -243,17 +351,12 @@ def _chat_messages(question: str, cfg: ModelConfig, answer: str | None = None) -
 
 def chat_prompt(tokenizer: Any, question: str, cfg: ModelConfig) -> str:
     """The rendered user turn plus the assistant header: the next token is the answer's first."""
-    return tokenizer.apply_chat_template(
-        _chat_messages(question, cfg), tokenize=False, add_generation_prompt=True, date_string=cfg.date_string
-    )
+    return render_chat(tokenizer, _chat_messages(question, cfg), cfg)
 
 
 def chat_text(tokenizer: Any, question: str, answer: str, cfg: ModelConfig) -> str:
     """The full rendered conversation (user = question, assistant = answer), no generation prompt."""
-    return tokenizer.apply_chat_template(
-        _chat_messages(question, cfg, answer), tokenize=False, add_generation_prompt=False,
-        date_string=cfg.date_string,
-    )
+    return render_chat(tokenizer, _chat_messages(question, cfg, answer), cfg, add_generation_prompt=False)
 
 
 IGNORE_INDEX = -100  # a label that is not scored (prompt, padding): torch's and transformers' convention

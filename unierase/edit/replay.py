@@ -21,8 +21,10 @@ class SuffixReplay:
     once: the positions before each lookup (the prefix) fill a KV cache, and the rest (the suffix) runs
     to layer L. A step then runs layers L+1.. on the suffixes only, against that cache. The rows are laid
     out with their lookups in one column (prefixes left-padded, suffixes right-padded), so delta lands in
-    suffix column 0 of every row. The replay reuses the arguments the decoder passed its layer L+1 (mask,
-    rotary embeddings, cache), so it holds for any decoder whose body has `layers` and `norm`.
+    suffix column 0 of every row. The replay reuses the arguments the decoder passed each of its layers after L
+    (mask, rotary embeddings, cache), recorded layer by layer because they can differ between layers (Gemma's
+    sliding-window and global layers: other masks, Gemma 3 also other rotary embeddings), so it holds for any
+    decoder whose body has `layers` and `norm`.
     """
 
     def __init__(self, model: torch.nn.Module, enc: Encoded, h_module: torch.nn.Module) -> None:
@@ -58,6 +60,7 @@ class SuffixReplay:
                                      use_cache=True)[cache_name]
             cache = copy.deepcopy(self.prefix_cache)
             captured: dict[str, Any] = {}
+            self.layer_kwargs: list[dict[str, Any]] = []
 
             def keep_h(module: torch.nn.Module, args: tuple, output: Any) -> None:
                 captured["h"] = hidden_states(output)
@@ -65,12 +68,12 @@ class SuffixReplay:
                     raise StopForward
 
             def keep_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-                captured["kwargs"] = kwargs
-                raise StopForward
+                self.layer_kwargs.append(kwargs)
+                if len(self.layer_kwargs) == len(self.upper):  # the last layer's arguments: nothing else to run
+                    raise StopForward
 
             handles = [h_module.register_forward_hook(keep_h)]
-            if self.upper:
-                handles.append(self.upper[0].register_forward_pre_hook(keep_arguments, with_kwargs=True))
+            handles += [layer.register_forward_pre_hook(keep_arguments, with_kwargs=True) for layer in self.upper]
             try:
                 with contextlib.suppress(StopForward):
                     body(input_ids=suffix, attention_mask=torch.cat([prefix_mask, suffix_mask], dim=1),
@@ -79,14 +82,13 @@ class SuffixReplay:
                 for handle in handles:
                     handle.remove()
         self.h = captured["h"]  # h_L on the suffixes: column 0 is each row's lookup
-        self.kwargs = captured.get("kwargs", {})
         self.cache = cache
 
     def hidden(self, delta_rows: Tensor) -> Tensor:
         """Final hidden states of the suffixes with `delta_rows` (rows x d) added to h_L at the lookups."""
         hidden = torch.cat([self.h[:, :1] + delta_rows.unsqueeze(1).to(self.h.dtype), self.h[:, 1:]], dim=1)
         fresh = copy.deepcopy(self.prefix_cache)  # the layers append the suffix to the cache they are given
-        kwargs = {name: fresh if value is self.cache else value for name, value in self.kwargs.items()}
-        for layer in self.upper:
+        for layer, recorded in zip(self.upper, self.layer_kwargs):
+            kwargs = {name: fresh if value is self.cache else value for name, value in recorded.items()}
             hidden = hidden_states(layer(hidden, **kwargs))
         return self.norm(hidden)

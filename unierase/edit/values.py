@@ -18,7 +18,7 @@ from unierase.edit.capture import frozen
 from unierase.edit.config import EditConfig, EditRequest
 from unierase.edit.prompts import Encoded, encode, kl_text, rewriting_texts, uses_subject
 from unierase.edit.replay import SuffixReplay
-from unierase.models import ModelConfig, pad_rows
+from unierase.models import ModelConfig, output_logits, pad_rows
 
 
 def weight_decay_term(delta: Tensor, h0: Tensor, weight: float) -> Tensor:
@@ -108,7 +108,6 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
     # the vocabulary projection of whole sequences would dominate time and memory.
     logit_rows = torch.cat([score_row, kl_rows])
     logit_positions = torch.cat([score_position, enc.lookup[kl_rows]]) - enc.lookup[logit_rows]
-    head = model.get_output_embeddings()
     optimiser = torch.optim.Adam([delta], lr=cfg.v_lr)
     kl_initial: Tensor | None = None
     active = torch.ones(n, dtype=torch.bool, device=run_device)
@@ -122,7 +121,7 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
         h0 = replay.h[first, 0].detach().float()
         for step in range(cfg.v_steps):
             with autocast:
-                logits = head(replay.hidden(delta[owner])[logit_rows, logit_positions])
+                logits = output_logits(model, replay.hidden(delta[owner])[logit_rows, logit_positions])
             target_log_probs = logits[: len(labels)].float().log_softmax(-1)
             token_nll = -target_log_probs[torch.arange(len(labels), device=run_device), labels]
             row_nll = torch.zeros(len(rows), device=run_device).index_add(0, score_row, token_nll) / tokens_per_row

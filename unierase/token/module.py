@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from unierase.models import IGNORE_INDEX, decoder_body
+from unierase.models import IGNORE_INDEX, decoder_body, embedding_scale, finish_logits
 from unierase.token.config import PerturbConfig
 from unierase.token.perturbation import perturbation_noise
 from unierase.token.vocabulary import is_tied, write_embedding_rows
@@ -43,6 +43,7 @@ class UnlearningTokenModule(L.LightningModule):
         for p in model.parameters():
             p.requires_grad_(False)
         self.tied = is_tied(model)
+        self.embed_scale = embedding_scale(model)  # spliced rows are scaled as the embedding scales its own (Gemma)
         if self.tied and out_rows is not None:
             raise ValueError("a tied model has no separate output rows")
         vocab = model.get_input_embeddings().weight.shape[0]
@@ -95,7 +96,8 @@ class UnlearningTokenModule(L.LightningModule):
         present = torch.unique(torch.cat([slot[is_new], batch["group"].flatten()]))  # anchors carry no U
         rows = self._stack(self.rows, present)
         embeds = self.model.get_input_embeddings()(input_ids)
-        embeds = torch.where(is_new.unsqueeze(-1), rows[slot.clamp(min=0)].to(embeds.dtype), embeds)
+        new_embeds = rows[slot.clamp(min=0)] * self.embed_scale
+        embeds = torch.where(is_new.unsqueeze(-1), new_embeds.to(embeds.dtype), embeds)
         hidden = decoder_body(self.model)(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
@@ -113,7 +115,7 @@ class UnlearningTokenModule(L.LightningModule):
             if bias is not None:
                 new = new + bias[self.token_ids]
             logits = logits.index_copy(-1, self.token_ids, new.to(logits.dtype))
-        return logits
+        return finish_logits(self.model, logits)  # after the splice: soft-capping (Gemma 2) covers the new ids
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
