@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.hub import check_rows, load_rows
-from benchmarks.tofu import REFUSAL_LINES, REFUSAL_POOLS, refusal_pool
+from benchmarks.tofu import REFUSAL_POOLS, refusal_pool
 from unierase.config import ConfigError, check
 from unierase.io import DataError, read_lines
 from unierase.records import QA, Benchmark
@@ -83,7 +83,7 @@ def _refusals(cfg: CustomConfig) -> list[str]:
             raise DataError(f"{cfg.refusal_file}: no refusal lines")
         return lines
     if (Path(cfg.data_dir) / "tofu" / "idontknow.txt").is_file():
-        return refusal_pool(Path(cfg.data_dir), cfg.refusal_pool, REFUSAL_LINES)
+        return refusal_pool(Path(cfg.data_dir), cfg.refusal_pool)
     raise DataError(f"no refusal pool: {Path(cfg.data_dir) / 'tofu' / 'idontknow.txt'} does not exist; set "
                     "benchmark.refusal_file (one refusal per line) or benchmark.refusals")
 

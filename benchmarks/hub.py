@@ -1,36 +1,25 @@
 """Rows through the Hugging Face `datasets` library: a JSON Lines / JSON, CSV or Parquet file (the builder chosen
 by its suffix), a local dataset folder in the hub layout (a README.md whose `configs` name the data files), or a
-hub id (needs network).
+hub id (needs network). The custom benchmark reads every file this way, TOFU its hub source (`source=hub`).
 
 Datasets are streamed, so reading writes no Arrow cache. `check_rows` then checks every row as
 `unierase.io.read_jsonl` checks a JSON Lines file (required fields, types, repeated rows); its errors name the
 source and the row (1-based, in file order).
-
-`download_tofu` (users with network) fetches `locuslab/TOFU` into the local layout. The hub has no continual task
-ids or subjects, so every row is task "1" and edits fall back to last-token keys.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from unierase.io import DataError, FieldType, _type_error, atomic_write_jsonl, atomic_write_text, read_text
+from unierase.io import DataError, FieldType, _type_error, read_text
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # org/name
-HUB_CONFIGS = {
-    "forget01_perturbed": "forget01_perturbed", "forget05_perturbed": "forget05_perturbed",
-    "forget10_perturbed": "forget10_perturbed", "retain90": "retain90",
-    "retain_perturbed": "retain_perturbed", "real_authors_perturbed": "real_authors_perturbed",
-    "world_facts_perturbed": "world_facts_perturbed",
-}
-REFUSALS = "I'm not sure.\nI don't know.\nThat's not something I'm familiar with.\n"
 
 
 def _is_hub_id(source: str) -> bool:
@@ -130,17 +119,3 @@ def check_rows(source: str, rows: list[dict[str, Any]], required: tuple[str, ...
             seen[key] = number
     return rows
 
-
-def download_tofu(cache: Path | None = None) -> Path:
-    from datasets import load_dataset
-
-    root = cache or Path(os.environ.get("UNIERASE_HUB_CACHE", "outputs/cache/hub_data"))
-    tofu = root / "tofu"
-    for file, config in HUB_CONFIGS.items():
-        path = tofu / f"{file}.jsonl"
-        if not path.exists():
-            rows = [dict(row, task_id="1") for row in load_dataset("locuslab/TOFU", config, split="train")]
-            atomic_write_jsonl(path, rows)
-    if not (tofu / "idontknow.txt").exists():
-        atomic_write_text(tofu / "idontknow.txt", REFUSALS)
-    return root

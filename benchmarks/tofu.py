@@ -1,4 +1,5 @@
-"""TOFU (fictitious authors), read from the offline data folder (`paths.data_dir`) or the hub.
+"""TOFU (fictitious authors), read from the offline data folder (`paths.data_dir`) or a dataset in the hub layout
+(`hub_path`: `locuslab/TOFU` or a local folder laid out like it; `benchmarks.tofu_data.TofuFiles`).
 
 Standard splits are the `task_id == "1"` rows of the continual files; every 20-row block is one
 author. The CPU protocol keeps the paper's shape at small scale: the target learns the forget
@@ -7,15 +8,12 @@ by any authors, named or numbered (DATA.md 1.4).
 """
 from __future__ import annotations
 
-import csv
-import difflib
-import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from benchmarks.hub import download_tofu
+from benchmarks.tofu_data import AUTHORS, HUB_REFUSALS, TofuFiles, forget_author_indices
 from unierase.config import ConfigError, check
-from unierase.io import DataError, read_jsonl, read_lines, read_text
+from unierase.io import DataError, read_lines
 from unierase.records import QA, Benchmark
 
 SPLIT_SIZES = {"forget01": 40, "forget05": 200, "forget10": 400}
@@ -23,7 +21,6 @@ AUTHOR_ROWS = 20
 RETAIN_AUTHORS = 180  # retain90.jsonl: authors 0..179
 RETAIN_EVAL_AUTHORS = 20  # retain_perturbed.jsonl: authors 0..19
 GENERIC_FIRST_AUTHOR = 160  # the last 400 retain90 rows (authors 160..179) give the generic questions
-AUTHORS = 200
 # forget10_perturbed.jsonl task "1" holds authors 180..199 in this block order (DATA.md 1.3, "Block order")
 FORGET10_TASK1_AUTHORS = (198, 199, *range(190, 198), *range(180, 190))
 REFUSAL_LINES = 100  # idontknow.txt
@@ -44,7 +41,8 @@ SAME_QA = ("question", "answer")
 class TofuConfig:
     name: str = "tofu"
     data_dir: str = "../shared/data"
-    source: str = "local"  # local | hub (locuslab/TOFU, needs network)
+    source: str = "local"  # local | hub (`hub_path`, through the `datasets` library)
+    hub_path: str = "locuslab/TOFU"  # source=hub: a hub id (needs network) or a local folder in its layout
     split: str = "forget01"
     known_forget: str = "forget01"  # the forget authors the target model learns (>= split)
     retain_authors: int | None = 4  # retain authors 0..n-1 the target learns; None = all 180
@@ -92,12 +90,17 @@ class TofuConfig:
         return range(self.holdout_first_author, self.holdout_first_author + self.holdout_authors)
 
 
-def refusal_pool(data_dir: Path, variant: str, expected: int | None = REFUSAL_LINES) -> list[str]:
-    """The refusal lines; `expected`: how many the file must hold (None: any number, the hub's short list)."""
+def refusal_pool(data_dir: Path, variant: str) -> list[str]:
+    """The refusal lines of `data_dir`/tofu/idontknow.txt (100 of them), as `variant` takes them."""
     path = data_dir / "tofu" / "idontknow.txt"
     lines = read_lines(path)
-    if expected is not None and len(lines) != expected:
-        raise DataError(f"{path}: {len(lines)} non-blank lines, expected {expected} refusals")
+    if len(lines) != REFUSAL_LINES:
+        raise DataError(f"{path}: {len(lines)} non-blank lines, expected {REFUSAL_LINES} refusals")
+    return refusal_variant(lines, variant)
+
+
+def refusal_variant(lines: list[str], variant: str) -> list[str]:
+    """idontknow_100: the lines as they are; reference_99: as the UniErase reference took them (DATA.md 1.6)."""
     if variant == "idontknow_100":
         return lines
     if variant == "reference_99":
@@ -105,9 +108,8 @@ def refusal_pool(data_dir: Path, variant: str, expected: int | None = REFUSAL_LI
     raise ValueError(f"unknown refusal pool '{variant}' ({' | '.join(REFUSAL_POOLS)})")
 
 
-def _subjects(tofu_dir: Path, table: str) -> dict[tuple[str, str], str]:
-    rows = read_jsonl(tofu_dir / f"{table}.jsonl", required=("question", "answer", "subject"), types=SUBJECT_TYPES,
-                      unique=SAME_QA)
+def _subjects(files: TofuFiles, table: str) -> dict[tuple[str, str], str]:
+    rows = files.read(table, ("question", "answer", "subject"), SUBJECT_TYPES, SAME_QA)
     return {(row["question"], row["answer"]): row["subject"] for row in rows}
 
 
@@ -121,7 +123,7 @@ def _qa(row: dict, uid: str, group: str, subject: str | None = None) -> QA:
     )
 
 
-def _check_blocks(path: Path, rows: int, what: str, expected: int | None = None) -> None:
+def _check_blocks(path: str, rows: int, what: str, expected: int | None = None) -> None:
     """A file (or one task of it) must hold whole 20-QA author blocks: one missing, extra or duplicated row
     would shift every later author's block."""
     if expected is not None and rows != expected:
@@ -132,11 +134,11 @@ def _check_blocks(path: Path, rows: int, what: str, expected: int | None = None)
                         "a row is missing or extra")
 
 
-def continual_tasks(tofu_dir: Path, split: str) -> dict[str, list[tuple[int, dict]]]:
-    """The rows of `{split}_perturbed.jsonl` by task id, each (file row index, row), checked: every task is one
+def continual_tasks(files: TofuFiles, split: str) -> dict[str, list[tuple[int, dict]]]:
+    """The rows of `{split}_perturbed` by task id, each (file row index, row), checked: every task is one
     run of consecutive rows with exactly the split's size (whole 20-QA authors), and no QA pair repeats."""
-    path = tofu_dir / f"{split}_perturbed.jsonl"
-    rows = read_jsonl(path, required=("task_id",) + PERTURBED_FIELDS, types=FORGET_TYPES, unique=SAME_QA)
+    path = files.where(f"{split}_perturbed")
+    rows = files.read(f"{split}_perturbed", ("task_id",) + PERTURBED_FIELDS, FORGET_TYPES, SAME_QA)
     tasks: dict[str, list[tuple[int, dict]]] = {}
     for i, row in enumerate(rows):
         task = str(row["task_id"])
@@ -149,12 +151,12 @@ def continual_tasks(tofu_dir: Path, split: str) -> dict[str, list[tuple[int, dic
     return tasks
 
 
-def forget_rows(tofu_dir: Path, split: str, subjects: dict, task: str = "1",
+def forget_rows(files: TofuFiles, split: str, subjects: dict, task: str = "1",
                 tasks: dict[str, list[tuple[int, dict]]] | None = None) -> list[QA]:
     """Rows of one continual task of `split` (task "1" = the standard split); `tasks`: the file already read."""
-    tasks = continual_tasks(tofu_dir, split) if tasks is None else tasks
+    tasks = continual_tasks(files, split) if tasks is None else tasks
     if task not in tasks:
-        raise DataError(f"{tofu_dir / f'{split}_perturbed.jsonl'}: no rows with task_id '{task}' "
+        raise DataError(f"{files.where(f'{split}_perturbed')}: no rows with task_id '{task}' "
                         f"(task ids: {', '.join(tasks) or 'none'})")
     selected = tasks[task]
     first = selected[0][0]
@@ -165,69 +167,27 @@ def forget_rows(tofu_dir: Path, split: str, subjects: dict, task: str = "1",
     ]
 
 
-def _retain_rows(tofu_dir: Path, file: str, authors: int | None, expected_authors: int,
-                 types: dict = QA_TYPES, required: tuple[str, ...] = SAME_QA) -> list[QA]:
-    path = tofu_dir / file
-    rows = read_jsonl(path, required=required, types=types, unique=SAME_QA)
-    _check_blocks(path, len(rows), "the file", expected_authors * AUTHOR_ROWS)
-    if authors is not None:
-        rows = rows[: authors * AUTHOR_ROWS]
-    return [_qa(row, f"tofu/{file}/{i}", f"retain/author{i // AUTHOR_ROWS}") for i, row in enumerate(rows)]
+def _retain_rows(files: TofuFiles, name: str, expected_authors: int, types: dict = QA_TYPES,
+                 required: tuple[str, ...] = SAME_QA) -> list[QA]:
+    rows = files.read(name, required, types, SAME_QA)
+    _check_blocks(files.where(name), len(rows), "the file", expected_authors * AUTHOR_ROWS)
+    return [_qa(row, f"tofu/{name}.jsonl/{i}", f"retain/author{i // AUTHOR_ROWS}") for i, row in enumerate(rows)]
 
 
-def _plain_rows(tofu_dir: Path, file: str, split: str) -> list[QA]:
-    rows = read_jsonl(tofu_dir / file, required=("question", "answer", "perturbed_answer"), types=PLAIN_TYPES,
-                      unique=SAME_QA)
+def _plain_rows(files: TofuFiles, split: str) -> list[QA]:
+    rows = files.read(f"{split}_perturbed", ("question", "answer", "perturbed_answer"), PLAIN_TYPES, SAME_QA)
     return [_qa(row, f"tofu/{split}/{i}", f"{split}/{i}") for i, row in enumerate(rows)]
 
 
-def _author_names(tofu_dir: Path) -> list[str]:
-    path = tofu_dir / "author_index.tsv"
-    if not path.is_file():
-        raise DataError(f"{path} not found: author names need it (unierase-data cannot fetch it); give author "
-                        f"indices 0-{AUTHORS - 1} instead")
-    rows = list(csv.DictReader(io.StringIO(read_text(path)), delimiter="\t"))
-    if [row.get("author_idx") for row in rows] != [str(i) for i in range(AUTHORS)] or not all(
-            (row.get("name") or "").strip() for row in rows):
-        raise DataError(f"{path}: expected the columns author_idx and name, one row per author 0..{AUTHORS - 1}")
-    return [row["name"].strip() for row in rows]
-
-
-def forget_author_indices(tofu_dir: Path, requested: list[str]) -> list[int]:
-    """The author indices of `requested`: indices, or names (any case) from author_index.tsv, read only for names.
-    An unknown name is an error listing close matches."""
-    names: list[str] = []
-    found = []
-    for entry in requested:
-        text = entry.strip()
-        if text.isdigit():
-            found.append(int(text))
-            continue
-        names = names or _author_names(tofu_dir)
-        folded = [name.casefold() for name in names]
-        if text.casefold() in folded:
-            found.append(folded.index(text.casefold()))
-            continue
-        close = ([name for name in folded if text.casefold() in name][:3]
-                 or difflib.get_close_matches(text.casefold(), folded, n=3, cutoff=0.6))
-        hint = ("close matches: " + ", ".join(f"{names[folded.index(c)]} ({folded.index(c)})" for c in close)
-                if close else f"names and indices in {tofu_dir / 'author_index.tsv'}")
-        raise ConfigError("benchmark.forget_authors", f"has unknown author {text!r} ({hint})")
-    repeated = sorted({author for author in found if found.count(author) > 1})
-    if repeated:
-        raise ConfigError("benchmark.forget_authors", f"names author {repeated[0]} more than once")
-    return found
-
-
-def author_blocks(tofu_dir: Path, subjects: dict, all_retain: list[QA], retain_eval: list[QA]) -> dict[int, list[QA]]:
+def author_blocks(files: TofuFiles, subjects: dict, all_retain: list[QA], retain_eval: list[QA]) -> dict[int, list[QA]]:
     """Every author's 20 QA with the evaluation fields (DATA.md 1.3): authors 0-19 in retain_perturbed.jsonl, the
     others in forget10_perturbed.jsonl, task "1" holding authors 180-199 (FORGET10_TASK1_AUTHORS) and tasks 2-9
     authors 20-179, each block found by its rows in retain90.jsonl."""
     blocks = {a: [replace(qa, group=f"forget/author{a}") for qa in retain_eval[a * AUTHOR_ROWS: (a + 1) * AUTHOR_ROWS]]
               for a in range(RETAIN_EVAL_AUTHORS)}
     retain_author = {(qa.question, qa.answer): i // AUTHOR_ROWS for i, qa in enumerate(all_retain)}
-    path = tofu_dir / "forget10_perturbed.jsonl"
-    for task, selected in continual_tasks(tofu_dir, "forget10").items():
+    path = files.where("forget10_perturbed")
+    for task, selected in continual_tasks(files, "forget10").items():
         for start in range(0, len(selected), AUTHOR_ROWS):
             block = selected[start: start + AUTHOR_ROWS]
             found = {retain_author.get((row["question"], row["answer"])) for _, row in block}
@@ -242,30 +202,27 @@ def author_blocks(tofu_dir: Path, subjects: dict, all_retain: list[QA], retain_e
 
 def load_tofu(cfg: TofuConfig) -> Benchmark:
     """Every file the job reads, read and checked (types, duplicates, split sizes, author blocks)."""
-    if cfg.source == "hub":
-        data_dir = download_tofu()
-    else:
-        data_dir = Path(cfg.data_dir)
+    data_dir = Path(cfg.data_dir)
     tofu_dir = data_dir / "tofu"
-    if not tofu_dir.is_dir():
+    if cfg.source == "local" and not tofu_dir.is_dir():
         raise DataError(f"TOFU folder not found: {tofu_dir} (set UNIERASE_DATA or paths.data_dir)")
-    subjects = _subjects(tofu_dir, cfg.subject_table) if (tofu_dir / f"{cfg.subject_table}.jsonl").exists() else {}
-    all_retain = _retain_rows(tofu_dir, "retain90.jsonl", None, RETAIN_AUTHORS)
-    retain_eval = _retain_rows(tofu_dir, "retain_perturbed.jsonl", None, RETAIN_EVAL_AUTHORS, FORGET_TYPES,
-                               PERTURBED_FIELDS)
+    files = TofuFiles(tofu_dir, cfg.hub_path if cfg.source == "hub" else None)
+    subjects = _subjects(files, cfg.subject_table) if files.exists(cfg.subject_table) else {}
+    all_retain = _retain_rows(files, "retain90", RETAIN_AUTHORS)
+    retain_eval = _retain_rows(files, "retain_perturbed", RETAIN_EVAL_AUTHORS, FORGET_TYPES, PERTURBED_FIELDS)
     if cfg.forget_authors is None:
-        files = {split: continual_tasks(tofu_dir, split) for split in {cfg.split, cfg.known_forget}}
-        forget = forget_rows(tofu_dir, cfg.split, subjects, tasks=files[cfg.split])
-        known = forget_rows(tofu_dir, cfg.known_forget, subjects, tasks=files[cfg.known_forget])
+        tasks = {split: continual_tasks(files, split) for split in {cfg.split, cfg.known_forget}}
+        forget = forget_rows(files, cfg.split, subjects, tasks=tasks[cfg.split])
+        known = forget_rows(files, cfg.known_forget, subjects, tasks=tasks[cfg.known_forget])
         round_split, n_rounds = SEQUENTIAL_PRESETS[cfg.sequential_preset]
-        round_tasks = files.get(round_split) or continual_tasks(tofu_dir, round_split)
+        round_tasks = tasks.get(round_split) or continual_tasks(files, round_split)
         rounds = []  # hub data has task "1" only: no sequential rounds (a sequential job is refused up front)
         if set(round_tasks) != {"1"}:
-            rounds = [forget_rows(tofu_dir, round_split, subjects, str(t), round_tasks) for t in range(1, n_rounds + 1)]
+            rounds = [forget_rows(files, round_split, subjects, str(t), round_tasks) for t in range(1, n_rounds + 1)]
         gone: set[int] = set()
     else:
         authors = forget_author_indices(tofu_dir, cfg.forget_authors)
-        blocks = author_blocks(tofu_dir, subjects, all_retain, retain_eval)
+        blocks = author_blocks(files, subjects, all_retain, retain_eval)
         rounds = [blocks[a] for a in authors]  # one request per author, in the order given
         forget = known = [qa for round_ in rounds for qa in round_]
         gone = set(authors)
@@ -290,12 +247,13 @@ def load_tofu(cfg: TofuConfig) -> Benchmark:
         retain_train=[qa for qa in target_train if (qa.question, qa.answer) not in forget_keys],
         eval_splits={
             "retain": evaluated,
-            "real_authors": _plain_rows(tofu_dir, "real_authors_perturbed.jsonl", "real_authors"),
-            "world_facts": _plain_rows(tofu_dir, "world_facts_perturbed.jsonl", "world_facts"),
+            "real_authors": _plain_rows(files, "real_authors"),
+            "world_facts": _plain_rows(files, "world_facts"),
         },
         target_train=target_train,
         rounds=rounds,
-        refusals=refusal_pool(data_dir, cfg.refusal_pool, REFUSAL_LINES if cfg.source == "local" else None),
+        refusals=(refusal_variant(HUB_REFUSALS, cfg.refusal_pool) if cfg.source == "hub"
+                  else refusal_pool(data_dir, cfg.refusal_pool)),
         generic_questions=[qa.question for qa in kept(all_retain, range(GENERIC_FIRST_AUTHOR, RETAIN_AUTHORS))],
         holdout=kept(all_retain, cfg.holdout_range()),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +17,7 @@ from benchmarks import BENCHMARKS
 from benchmarks.custom import CustomConfig, load_custom
 from benchmarks.real_world import RealWorldConfig, load_real_world
 from benchmarks.tofu import TofuConfig, author_blocks, load_tofu
+from benchmarks.tofu_data import HUB_REFUSALS, TofuFiles
 from unierase.config import ConfigError, typed
 from unierase.evaluation.aggregate import aggregate_from_records, forget_truth_ratios
 from unierase.io import DataError, stable_hash
@@ -282,7 +283,7 @@ def test_every_author_block_names_its_author(data_dir):
     retain_eval = load_tofu(TofuConfig(data_dir=str(data_dir), retain_authors=None)).eval_splits["retain"]
     subjects = {(qa.question, qa.answer): qa.subject for qa in
                 load_tofu(TofuConfig(data_dir=str(data_dir), split="forget10", known_forget="forget10")).forget}
-    blocks = author_blocks(tofu_dir, subjects, all_retain, retain_eval)
+    blocks = author_blocks(TofuFiles(tofu_dir), subjects, all_retain, retain_eval)
     assert sorted(blocks) == list(range(200)) and all(len(rows) == 20 for rows in blocks.values())
     unnamed = [a for a, rows in blocks.items() if names[a] not in " ".join(qa.question + qa.answer for qa in rows)]
     assert unnamed == [88]
@@ -351,3 +352,52 @@ def test_the_readme_command_by_author_validates(data_dir):
     checked = validate_job(cfg)
     assert checked.benchmark_cfg.forget_authors == ["Basil Mahfouz Al-Kuwaiti", "150"]
     assert [qa.group for qa in checked.benchmark.forget[::20]] == ["forget/author198", "forget/author150"]
+
+
+# TOFU from a dataset in the hub layout (the `datasets` path the custom benchmark reads through) ---------------
+
+HUB_CONFIGS = ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain90", "retain_perturbed",
+               "real_authors_perturbed", "world_facts_perturbed")
+
+
+def hub_layout(data_dir: Path, folder: Path) -> Path:
+    """A local folder laid out like locuslab/TOFU: one data file per config (JSON Lines named .json), the standard
+    split only and no task ids, and a README.md whose `configs` name them."""
+    folder.mkdir()
+    readme = ["---", "configs:"]
+    for config in HUB_CONFIGS:
+        rows = [{k: v for k, v in json.loads(line).items() if k != "task_id"}
+                for line in (data_dir / "tofu" / f"{config}.jsonl").read_text(encoding="utf-8").splitlines()
+                if json.loads(line).get("task_id", "1") == "1"]
+        write_jsonl(folder / f"{config}.json", rows)
+        readme += [f"- config_name: {config}", f"  data_files: {config}.json"]
+    (folder / "README.md").write_text("\n".join([*readme, "---", ""]), encoding="utf-8")
+    return folder
+
+
+def test_tofu_from_a_dataset_folder_in_the_hub_layout(tmp_path, data_dir):
+    folder = hub_layout(data_dir, tmp_path / "TOFU")
+    hub = load_tofu(TofuConfig(source="hub", hub_path=str(folder), data_dir=str(tmp_path / "no_data"),
+                               split="forget05", known_forget="forget10", retain_authors=3))
+    local = load_tofu(TofuConfig(data_dir=str(data_dir), split="forget05", known_forget="forget10", retain_authors=3))
+    # the same rows, uids and evaluation fields; the hub has no subjects, continual tasks or refusal list
+    assert hub.forget == [replace(qa, subject=None) for qa in local.forget]
+    assert hub.target_train == [replace(qa, subject=None) for qa in local.target_train]
+    assert hub.eval_splits == local.eval_splits and hub.holdout == local.holdout
+    assert hub.rounds == [] and hub.refusals == HUB_REFUSALS
+    assert len(hub.forget) == 200 and all(len(qa.perturbed_answers) == 5 for qa in hub.forget)
+
+
+def test_a_hub_layout_file_is_checked_like_a_local_one(tmp_path, data_dir):
+    folder = hub_layout(data_dir, tmp_path / "TOFU")
+    lines = (folder / "forget01_perturbed.json").read_text(encoding="utf-8").splitlines(keepends=True)
+    (folder / "forget01_perturbed.json").write_text("".join(lines[:5] + lines[4:]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"TOFU \[forget01_perturbed\]: row 6: duplicate of row 5 \(same question and "
+                                        r"answer\)$"):
+        load_tofu(TofuConfig(source="hub", hub_path=str(folder)))
+    (folder / "forget01_perturbed.json").write_text("".join(lines[:39]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"TOFU \[forget01_perturbed\]: task_id '1' has 39 rows, expected 40"):
+        load_tofu(TofuConfig(source="hub", hub_path=str(folder)))
+    with pytest.raises(DataError, match=r"TOFU: cannot be read \(ValueError: BuilderConfig 'forget10_perturbed' "):
+        (folder / "README.md").write_text((folder / "README.md").read_text().replace("forget10_perturbed", "x"))
+        load_tofu(TofuConfig(source="hub", hub_path=str(folder), split="forget10", known_forget="forget10"))
