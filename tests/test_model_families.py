@@ -48,8 +48,8 @@ from unierase.unierase import first_token_rate
 
 # What each tiny model takes from its family's instruct checkpoint (conf/model/): untied embeddings for Mistral
 # and Phi-3 (the others tie them, like the tiny Llama), eager attention for Gemma 2 (transformers has no sdpa
-# with soft-capping), and where the family has sliding-window layers a window shorter than the prompts, so they
-# really differ from the global ones (Gemma 3 alternates them here; its 1:5 pattern needs six layers).
+# with soft-capping), and where the architecture has sliding-window attention a window shorter than the prompts,
+# so those layers really differ from global ones (Gemma 3 alternates them here; its 1:5 pattern needs six layers).
 FAMILIES: dict[str, dict] = {
     "llama": {},
     "qwen2": {},
