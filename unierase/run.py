@@ -96,11 +96,12 @@ def retain_reference_truth_ratios(job: Job, base, tokenizer, benchmark: Benchmar
         return None
     reference, path = built
     eval_cfg = replace(job.checked.eval, families=["ou"], generation=False)  # truth ratios need no generation
-    # Keyed by what changes the values besides the model: the rows scored and the NLL cut (a parity preset
-    # scores the full split at 512 tokens, `fast` 50 rows at 200).
+    # Keyed by what changes the values besides the model: the forget rows (a split name is not enough:
+    # `benchmark.forget_authors` picks others), the rows scored and the NLL cut (a parity preset scores the full
+    # split at 512 tokens, `fast` 50 rows at 200).
     cap = eval_cfg.row_cap(benchmark.name)
-    out_dir = (path / "forget_truth_ratios" / job.checked.benchmark_cfg.split
-               / f"rows-{cap or 'all'}_nll-{eval_cfg.nll_max_length}")
+    forget = stable_hash([qa.uid for qa in benchmark.forget], 16)
+    out_dir = (path / "forget_truth_ratios" / f"forget-{forget}" / f"rows-{cap or 'all'}_nll-{eval_cfg.nll_max_length}")
     if not (out_dir / "knowledge.forget_truth_ratios.json").is_file():
         evaluate_knowledge(reference, tokenizer, benchmark, eval_cfg, job.ctx.model_cfg, out_dir)
     return read_forget_truth_ratios(out_dir)
@@ -142,7 +143,7 @@ def model_references(job: Job, target, tokenizer, benchmark: Benchmark) -> Bench
 def stage_unlearn(job: Job) -> dict:
     benchmark, setting = job.checked.benchmark, job.checked.setting
     method = METHODS[job.cfg.method.kind][1](job.checked.method)
-    with_reference = "ou" in job.checked.eval.families
+    with_reference = "ou" in job.checked.eval.families and benchmark.name == "tofu"  # ou.* is TOFU-only
     job.targets.build_missing_in_children(benchmark, with_reference)
     base, tokenizer = job.load_base()
     target, job.ctx.model_id = job.targets.target(base, tokenizer, benchmark)

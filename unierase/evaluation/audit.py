@@ -36,7 +36,7 @@ from unierase.evaluation.config import MODEL_ATTACKS, PROMPT_ATTACKS, EvalConfig
 from unierase.evaluation.engine import autocast, decode_new, generate_ids, length_sorted_batches, qa_sequence
 from unierase.finetune import FinetuneConfig, finetune
 from unierase.io import atomic_write_json, atomic_write_jsonl
-from unierase.models import IGNORE_INDEX, ModelConfig, autocast_dtype, copy_model, pad_rows
+from unierase.models import IGNORE_INDEX, ModelConfig, autocast_dtype, copy_model, pad_rows, render_chat
 from unierase.progress import Progress
 from unierase.records import QA, Benchmark
 from unierase.training import TrainerConfig
@@ -78,11 +78,6 @@ def relearn_halves(rows: Sequence[QA]) -> tuple[list[QA], list[QA]]:
     return list(rows[0::2]), list(rows[1::2])
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], cfg: ModelConfig) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         date_string=cfg.date_string)
-
-
 def prompt_builders(tokenizer: Any, model_cfg: ModelConfig, cfg: EvalConfig,
                     shots: Sequence[QA]) -> dict[str, Callable[[QA], str]]:
     """One prompt per prompt attack and row."""
@@ -92,7 +87,7 @@ def prompt_builders(tokenizer: Any, model_cfg: ModelConfig, cfg: EvalConfig,
                                                  {"role": "assistant", "content": qa.answer})]
 
     def chat(question: str, before: list[dict[str, str]] = system) -> str:
-        return render(tokenizer, [*before, {"role": "user", "content": question}], model_cfg)
+        return render_chat(tokenizer, [*before, {"role": "user", "content": question}], model_cfg)
 
     return {
         "plain": lambda qa: chat(qa.question),
@@ -158,7 +153,7 @@ def _mean(records: Sequence[dict[str, Any]], key: str) -> float | None:
     return float(np.mean([r[key] for r in records])) if records else None
 
 
-def _few_shot_rows(benchmark: Benchmark, retain_name: str, evaluated: Collection[str], k: int) -> list[QA]:
+def _few_shot_rows(benchmark: Benchmark, retain_name: str | None, evaluated: Collection[str], k: int) -> list[QA]:
     """Knowledge to keep that the audit does not score: retain QA the target knows that are no evaluated retain
     row (its answer would be in the prompt), then the benchmark's other evaluation splits (TOFU: real authors,
     world facts; the CPU demo's target knows no unevaluated retain row)."""
@@ -181,9 +176,12 @@ def run_audit(
     membership-inference metrics, and the files described in the module docstring."""
     attacks = set(cfg.audit.attacks)
     cap = cfg.row_cap(benchmark.name)
-    retain_name = "retain" if "retain" in benchmark.eval_splits else next(iter(benchmark.eval_splits))
-    splits = {"forget": list(forget[:cap]), "retain": list(benchmark.eval_splits[retain_name][:cap])}
-    shots = _few_shot_rows(benchmark, retain_name, {qa.question for qa in splits["retain"]}, cfg.audit.few_shot)
+    retain_name = "retain" if "retain" in benchmark.eval_splits else next(iter(benchmark.eval_splits), None)
+    splits = {"forget": list(forget[:cap])}
+    if retain_name is not None:  # a custom benchmark may have no split to keep
+        splits["retain"] = list(benchmark.eval_splits[retain_name][:cap])
+    shots = _few_shot_rows(benchmark, retain_name, {qa.question for qa in splits.get("retain", [])},
+                           cfg.audit.few_shot)
     shots = shots[: cfg.audit.few_shot]
     builders = prompt_builders(tokenizer, model_cfg, cfg, shots)
     scorer = _Scorer(tokenizer, cfg, model_cfg)
@@ -268,7 +266,9 @@ def _relearn(model: PreTrainedModel, tokenizer: Any, splits: dict[str, list[QA]]
                                     "audit.relearn.base_forget_rouge": references.base_relearn_rouge}
     if references.base_relearn_rouge is None:
         notes["null_reasons"]["audit.relearn.base_forget_rouge"] = "no base model in this job (stage=eval)"
-    for split, rows in (("forget", held_out), ("retain", splits["retain"])):
+    for split, rows in (("forget", held_out), ("retain", splits.get("retain", []))):
+        if not rows:
+            continue
         records = scorer.score(attacked, rows, [builder(qa) for qa in rows], ())
         generations.extend({"attack": "relearn", "split": split, **r} for r in records)
         out[f"audit.relearn.{split}_rouge"] = _mean(records, "rouge")
@@ -290,7 +290,7 @@ def relearned(model: PreTrainedModel, tokenizer: Any, rows: list[QA], cfg: EvalC
 def membership_scores(model: PreTrainedModel, tokenizer: Any, rows: Sequence[QA], cfg: EvalConfig,
                       model_cfg: ModelConfig) -> list[dict[str, float]]:
     """The four membership-inference scores of each row's answer (higher = looks unseen)."""
-    prompts = [render(tokenizer, [{"role": "user", "content": qa.question}], model_cfg) for qa in rows]
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": qa.question}], model_cfg) for qa in rows]
     stats = token_stats(model, tokenizer, prompts, [qa.answer for qa in rows], (), cfg.batch_size,
                         cfg.nll_max_length, autocast_dtype(model_cfg))
     k = cfg.audit.mia_k
