@@ -439,3 +439,26 @@ def test_clear_errors(tiny, tiny_cfg, tmp_path):
                     tiny_cfg, projectors)
     with pytest.raises(ValueError, match="key_position"):
         EditConfig(key_position="first")
+
+
+def test_suppressed_nll_worked_example():
+    """Two rewriting rows of one request: each bans its target (id 0) and scores the fallback (id 1)."""
+    import math
+
+    from unierase.edit.values import suppressed_nll
+
+    logits = torch.tensor([[5.0, 1.0, 1.0], [5.0, 2.0, 0.0]])
+    nll = suppressed_nll(logits, banned=torch.tensor([0, 0]), fallback=torch.tensor([1, 1]), row=torch.tensor([0, 1]),
+                         owner=torch.tensor([0, 0, 0]), rewrite=torch.tensor([0, 1]),
+                         rewrite_count=torch.tensor([2.0]))
+    # With id 0 banned: row 0 leaves {1, 1} -> p = 1/2; row 1 leaves {2, 0} -> p = e^2 / (e^2 + 1).
+    expected = (math.log(2) + math.log1p(math.exp(-2))) / 2
+    assert nll.shape == (1,) and nll.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_suppressed_weight_needs_a_continuation():
+    from unierase.config import ConfigError
+    from unierase.edit import EditConfig
+
+    with pytest.raises(ConfigError, match="suppressed_weight"):
+        EditConfig(suppressed_weight=1.0, value_target="token")

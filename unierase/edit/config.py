@@ -42,6 +42,10 @@ class EditConfig:
     # request's continuation (the refusal and the closing token), ROME-style multi-token targets
     # (docs/algorithm.md, "Departures from the paper").
     value_target: str = "token"
+    # Project option against token suppression (issue #21): with token_continuation, also train z* so that with
+    # the target token banned the next choice is the continuation's first token (the refusal's), weighted so.
+    # 0 = the paper's objective.
+    suppressed_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -49,12 +53,15 @@ class EditConfig:
         check(self, at_least={"layers": 0, "v_steps": 1, "v_weight_decay": 0, "kl_factor": 0, "early_stop_loss": 0,
                               "nullspace_threshold": 0, "L2": 0, "batch_size": 1, "mom2_n_samples": 1,
                               "mom2_chunk_tokens": 2, "mom2_batch_size": 1, "protect_weight": 0,
-                              "forward_batch_size": 1},
+                              "forward_batch_size": 1, "suppressed_weight": 0},
               positive=("v_lr", "clamp_norm_factor"), seeds=("seed",),
               choices={"key_position": ("subject_last", "last"), "context_layout": ("in_user_turn", "reference"),
                        "nullspace_mode": ("absolute", "relative"), "protect": ("none", "retain_keys", "token_keys"),
                        "value_target": ("token", "token_continuation"),
                        "value_autocast": ("bfloat16", "float16", "float32")})
+        if self.suppressed_weight and self.value_target != "token_continuation":
+            raise ConfigError("suppressed_weight", "needs value_target=token_continuation (the refusal to fall back "
+                              "on when the target token is banned)")
         self.layers = sorted({int(layer) for layer in self.layers})
         if not self.layers:
             raise ConfigError("layers", "must list at least one layer")

@@ -38,6 +38,18 @@ def clamp_norm(delta: Tensor, h0_norm: float | Tensor, factor: float) -> Tensor:
     return torch.where(norm > limit, delta * (limit / norm), delta)
 
 
+def suppressed_nll(logits: Tensor, banned: Tensor, fallback: Tensor, row: Tensor, owner: Tensor, rewrite: Tensor,
+                   rewrite_count: Tensor) -> Tensor:
+    """Per request, the mean over its rewriting rows of −log p(fallback token) with the row's banned token
+    removed from the distribution: what greedy decoding with that token suppressed would choose."""
+    masked = logits.clone()
+    masked[torch.arange(len(banned), device=logits.device), banned] = float("-inf")
+    token_nll = -masked.log_softmax(-1)[torch.arange(len(fallback), device=logits.device), fallback]
+    per_row = torch.zeros(len(owner), device=logits.device).index_add(0, row, token_nll)
+    return torch.zeros(len(rewrite_count), device=logits.device).index_add(
+        0, owner[rewrite], per_row[rewrite]) / rewrite_count
+
+
 def append_targets(enc: Encoded, owner: Tensor, is_kl: Tensor,
                    targets: Sequence[Sequence[int]]) -> tuple[Encoded, Tensor, Tensor, Tensor]:
     """Teacher forcing: each rewriting row gets its request's target sequence minus the last token appended.
@@ -101,6 +113,10 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
     if not torch.equal(owner[kl_rows], torch.arange(n, device=run_device)):
         raise ValueError("each request needs exactly one KL row, in request order")
     first = torch.stack([rewrite[owner[rewrite] == r][0] for r in range(n)])  # T_0 row of each request
+    # Each rewriting row's first supervised token (the target token) and the one after it (the refusal's first):
+    # suppressed_weight trains the latter to win once the former is banned.
+    starts = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool, device=run_device),
+                                      score_row[1:] != score_row[:-1]])).flatten()
     rewrite_count = torch.bincount(owner[rewrite], minlength=n).float()
     tokens_per_row = torch.bincount(score_row, minlength=len(rows)).clamp_min(1).float()
     delta = torch.zeros(n, model.config.hidden_size, device=run_device, requires_grad=True)
@@ -131,6 +147,10 @@ def optimise_values(model: torch.nn.Module, enc: Encoded, owner: Tensor, is_kl: 
                 kl_initial = kl_log_probs.detach()
             kl = (kl_log_probs.exp() * (kl_log_probs - kl_initial)).sum(-1)  # KL(current || initial)
             loss = nll + cfg.kl_factor * kl + weight_decay_term(delta, h0, cfg.v_weight_decay)
+            if cfg.suppressed_weight:
+                loss = loss + cfg.suppressed_weight * suppressed_nll(logits[starts].float(), labels[starts],
+                                                                     labels[starts + 1], score_row[starts],
+                                                                     owner, rewrite, rewrite_count)
             if step == 0:
                 for r in range(n):
                     infos[r]["nll_start"] = nll[r].item()
