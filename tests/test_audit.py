@@ -10,8 +10,9 @@ import torch
 from conftest import CACHE_ROOT, tiny_config
 from test_pipeline import TINY_UNIERASE, isolated_cache, run_job
 
-from unierase.evaluation.audit import added_token_ids, relearn_halves, token_stats
+from unierase.evaluation.audit import added_token_ids, relearn_halves
 from unierase.evaluation.engine import generate_ids
+from unierase.evaluation.membership import token_stats
 from unierase.models import chat_prompt, load_model
 from unierase.records import QA
 

@@ -110,16 +110,22 @@ def test_search_space_keys_exist(search, method):
         assert OmegaConf.select(cfg, key) is not None, f"{search}: {key} is not in the config with method={method}"
 
 
-@pytest.mark.slow  # 4 processes at once: ~3.5 min on one CPU core, mostly 5 torch imports and 4 target builds
-def test_submitit_local_multirun_then_table(tmp_path, data_dir):
-    """What a user types: `unierase -m hydra/launcher=local ...` from a working directory, then the table."""
-    # The default paths are relative to the working directory: outputs/cache, outputs/multiruns/<date>/<time>.
+def working_directory(tmp_path: Path, data_dir: Path) -> dict[str, str]:
+    """`tmp_path` as a user's working directory (the default paths are relative to it: outputs/cache,
+    outputs/multiruns/...) sharing only the dequantised tokenizer source; the environment for `unierase` there,
+    one thread per process."""
     cache = tmp_path / "outputs" / "cache"
     cache.mkdir(parents=True)
     (CACHE_ROOT / "base_models").mkdir(parents=True, exist_ok=True)
     (cache / "base_models").symlink_to(CACHE_ROOT / "base_models", target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if k != "UNIERASE_CACHE"}
-    env |= {"UNIERASE_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}  # 4 jobs at once: one thread each
+    return env | {"UNIERASE_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow  # 4 processes at once: ~3.5 min on one CPU core, mostly 5 torch imports and 4 target builds
+def test_submitit_local_multirun_then_table(tmp_path, data_dir):
+    """What a user types: `unierase -m hydra/launcher=local ...` from a working directory, then the table."""
+    env = working_directory(tmp_path, data_dir)  # 4 jobs at once: one thread each
     command = [str(Path(sys.executable).parent / "unierase"), "-m", "hydra/launcher=local", *FAST,
                "method=ga,ga_gd", "seed=0,1"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -143,12 +149,7 @@ def test_submitit_local_multirun_then_table(tmp_path, data_dir):
 @pytest.mark.slow  # two `unierase -m` processes (torch imports) and three tiny jobs: ~1.5 min on one core
 def test_a_stopped_sweep_resumes_where_it_left_off(tmp_path, data_dir):
     """`reuse_results=true`: the same command run again reuses the finished jobs and runs only the others."""
-    cache = tmp_path / "outputs" / "cache"
-    cache.mkdir(parents=True)
-    (CACHE_ROOT / "base_models").mkdir(parents=True, exist_ok=True)
-    (cache / "base_models").symlink_to(CACHE_ROOT / "base_models", target_is_directory=True)
-    env = {k: v for k, v in os.environ.items() if k != "UNIERASE_CACHE"}
-    env |= {"UNIERASE_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}
+    env = working_directory(tmp_path, data_dir)
     command = [str(Path(sys.executable).parent / "unierase"), "-m", *FAST, "reuse_results=true"]
 
     def sweep(methods: str, name: str) -> Path:
