@@ -33,7 +33,7 @@ from unierase.evaluation import metrics as m
 from unierase.evaluation.config import MODEL_ATTACKS, PROMPT_ATTACKS, EvalConfig
 from unierase.evaluation.engine import decode_new, generate_ids
 from unierase.evaluation.membership import MIA_SCORES, PRIVLEAK_SCORE, membership_aucs, token_stats
-from unierase.finetune import FinetuneConfig, finetune
+from unierase.finetune import finetune
 from unierase.io import atomic_write_json, atomic_write_jsonl
 from unierase.models import ModelConfig, autocast_dtype, copy_model, render_chat
 from unierase.progress import Progress
@@ -241,10 +241,7 @@ def relearned(model: PreTrainedModel, tokenizer: Any, rows: list[QA], cfg: EvalC
               trainer_cfg: TrainerConfig) -> PreTrainedModel:
     """A copy of `model` fine-tuned on `rows` with the relearning recipe (the model itself is untouched)."""
     attacked = copy_model(model)
-    recipe = cfg.audit.relearn
-    finetune(attacked, tokenizer, rows, FinetuneConfig(epochs=recipe.epochs, lr=recipe.lr,
-                                                       batch_size=recipe.batch_size, seed=recipe.seed),
-             model_cfg, trainer_cfg)
+    finetune(attacked, tokenizer, rows, cfg.audit.relearn, model_cfg, trainer_cfg)
     return attacked
 
 
