@@ -46,6 +46,9 @@ class TofuConfig:
     split: str = "forget01"
     known_forget: str = "forget01"  # the forget authors the target model learns (>= split)
     retain_authors: int | None = 4  # retain authors 0..n-1 the target learns; None = all 180
+    # The retain split scores authors 0..n-1 (at most 20, those with evaluation fields); None: every learned one. The
+    # learned authors above n are known but never scored: what a method may protect (UniErase's retain_keys).
+    scored_retain_authors: int | None = None
     subject_table: str = "forget10_subject"  # or forget01_subject (they differ on 16 rows)
     refusal_pool: str = "idontknow_100"  # or reference_99
     sequential_preset: str = "tofu_seq_10x40"
@@ -62,7 +65,12 @@ class TofuConfig:
         check(self, choices={"source": ("local", "hub"), "split": SPLIT_SIZES, "known_forget": SPLIT_SIZES,
                              "subject_table": ("forget10_subject", "forget01_subject"),
                              "refusal_pool": REFUSAL_POOLS, "sequential_preset": SEQUENTIAL_PRESETS},
-              between={"retain_authors": (1, RETAIN_AUTHORS), "holdout_authors": (0, 40)})
+              between={"retain_authors": (1, RETAIN_AUTHORS), "holdout_authors": (0, 40),
+                       "scored_retain_authors": (1, RETAIN_EVAL_AUTHORS)})
+        learned = RETAIN_AUTHORS if self.retain_authors is None else self.retain_authors
+        if self.scored_retain_authors is not None and self.scored_retain_authors > learned:
+            raise ConfigError("scored_retain_authors", f"must be <= retain_authors ({learned}): only learned authors "
+                              f"are scored, got {self.scored_retain_authors}")
         if SPLIT_SIZES[self.known_forget] < SPLIT_SIZES[self.split]:
             raise ConfigError("known_forget", f"must contain the split (split={self.split}, "
                               f"known_forget={self.known_forget}; forget01 < forget05 < forget10)")
@@ -232,7 +240,7 @@ def load_tofu(cfg: TofuConfig) -> Benchmark:
         return [qa for a in authors if a not in gone for qa in rows[a * AUTHOR_ROWS: (a + 1) * AUTHOR_ROWS]]
 
     learned = RETAIN_AUTHORS if cfg.retain_authors is None else cfg.retain_authors
-    scored = min(learned, RETAIN_EVAL_AUTHORS)
+    scored = min(learned, RETAIN_EVAL_AUTHORS, cfg.scored_retain_authors or learned)
     retain_known = kept(all_retain, range(learned))
     evaluated = kept(retain_eval, range(scored))
     if not retain_known or not evaluated:

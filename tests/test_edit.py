@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from unierase.config import ConfigError
 from unierase.edit import EditConfig, EditRequest, EditState, apply_edits, edited_fraction, second_moments
 from unierase.edit.capture import capture
 from unierase.edit.corpus import corpus_chunks, read_documents
@@ -244,7 +245,7 @@ def test_continuation_target_is_optimised(tiny, tiny_cfg):
 
 
 def test_token_keys_protection_keeps_the_token_continuation(tiny, tiny_cfg):
-    """edit.protect=token_keys: outputs at the keys of `prompt + U + refusal + U` move far less."""
+    """edit.protect=[token_keys]: outputs at the keys of `prompt + U + refusal + U` move far less."""
     model, tokenizer = tiny
     token_id = with_token(model, tokenizer)
     refusal = tokenizer("I do not know", add_special_tokens=False).input_ids
@@ -254,7 +255,7 @@ def test_token_keys_protection_keeps_the_token_continuation(tiny, tiny_cfg):
     for protect in ("none", "token_keys"):
         edited = copy_model(model)
         cfg = EditConfig(layers=LAYERS, key_position="last", v_steps=10, L2=1e-4, context_templates=TEMPLATES,
-                         protect=protect, protect_weight=100.0)
+                         protect=[] if protect == "none" else [protect], protect_weight=100.0)
         state = apply_edits(edited, tokenizer, requests(token_id, 2), cfg, tiny_cfg, identity_projectors(model),
                             token_texts=texts)
         if protect == "token_keys":
@@ -263,9 +264,9 @@ def test_token_keys_protection_keeps_the_token_continuation(tiny, tiny_cfg):
         changes[protect] = state.delta[layer]
     moved = {protect: float((delta @ keys.to(delta)).norm()) for protect, delta in changes.items()}
     assert moved["token_keys"] < 0.2 * moved["none"]
-    with pytest.raises(ValueError, match="token_keys needs the token's training texts"):
+    with pytest.raises(ValueError, match="token_keys, which needs the token's training texts"):
         apply_edits(copy_model(model), tokenizer, requests(token_id, 1),
-                    EditConfig(layers=LAYERS, protect="token_keys", context_templates=TEMPLATES), tiny_cfg,
+                    EditConfig(layers=LAYERS, protect=["token_keys"], context_templates=TEMPLATES), tiny_cfg,
                     identity_projectors(model))
 
 
@@ -306,7 +307,7 @@ def test_capture_reads_keys_and_h_at_the_lookup(tiny, tiny_cfg):
 def test_reference_layout_generated_templates_and_retain_protection(tiny, tiny_cfg):
     model, tokenizer = tiny
     token_id = with_token(model, tokenizer)
-    cfg = EditConfig(layers=LAYERS, v_steps=3, batch_size=2, context_layout="reference", protect="retain_keys",
+    cfg = EditConfig(layers=LAYERS, v_steps=3, batch_size=2, context_layout="reference", protect=["retain_keys"],
                      protect_weight=2.0, seed=5)
     retain = [("Who wrote the play Hamlet?", "Hamlet"), ("What is the capital of France?", None)]
     expected_templates = generate_context_templates(model, tokenizer, seed=5)
@@ -319,6 +320,33 @@ def test_reference_layout_generated_templates_and_retain_protection(tiny, tiny_c
     text, span, _ = rewriting_texts(tokenizer, requests(token_id)[0], state.context_templates, cfg, tiny_cfg,
                                     use_subject=True)[1]
     assert text.startswith(state.context_templates[0][:-2]) and text[span[0]:span[1]] == "Basil Mahfouz"
+
+
+def test_both_kinds_of_protected_keys_sit_side_by_side(tiny, tiny_cfg):
+    """edit.protect=[retain_keys, token_keys]: the retain questions' keys, then every token-text position's, each
+    as that kind alone reads them on the unedited model."""
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    refusal = tokenizer("I do not know", add_special_tokens=False).input_ids
+    texts = [(q, (token_id, *refusal, token_id)) for q, _ in QUESTIONS[:2]]
+    retain = [("Who wrote the play Hamlet?", "Hamlet"), ("What is the capital of France?", None)]
+
+    def protected(kinds: list[str]) -> dict:
+        cfg = EditConfig(layers=LAYERS, v_steps=2, context_templates=TEMPLATES, protect=kinds)
+        return apply_edits(copy_model(model), tokenizer, requests(token_id, 1), cfg, tiny_cfg,
+                           identity_projectors(model), retain=retain, token_texts=texts).protect_keys
+
+    both, retain_only, token_only = (protected(kinds) for kinds in
+                                     (["retain_keys", "token_keys"], ["retain_keys"], ["token_keys"]))
+    for layer in LAYERS:
+        assert both[layer].shape == (128, len(retain) + 2 * (len(refusal) + 2))
+        torch.testing.assert_close(both[layer], torch.cat([retain_only[layer], token_only[layer]], dim=1))
+    with pytest.raises(ConfigError, match="must be a list"):
+        EditConfig(protect="token_keys")
+    with pytest.raises(ConfigError, match="twice"):
+        EditConfig(protect=["token_keys", "token_keys"])
+    with pytest.raises(ConfigError, match="protect"):
+        EditConfig(protect=["answer_keys"])
 
 
 def test_context_templates_are_seeded(tiny):
@@ -435,7 +463,7 @@ def test_clear_errors(tiny, tiny_cfg, tmp_path):
         apply_edits(model, tokenizer, [EditRequest("Q?", None, "<unlearn_0>", "z")], EditConfig(layers=LAYERS),
                     tiny_cfg, projectors)
     with pytest.raises(ValueError, match="retain questions"):
-        apply_edits(model, tokenizer, requests(token_id, 1), EditConfig(layers=LAYERS, protect="retain_keys"),
+        apply_edits(model, tokenizer, requests(token_id, 1), EditConfig(layers=LAYERS, protect=["retain_keys"]),
                     tiny_cfg, projectors)
     with pytest.raises(ValueError, match="key_position"):
         EditConfig(key_position="first")

@@ -132,10 +132,10 @@ def test_unierase_protects_token_keys_with_continuation_targets(tmp_path, data_d
         return state
 
     monkeypatch.setattr(unierase_method, "apply_edits", recording_apply_edits)
-    overrides = TINY_UNIERASE + ["method.edit.protect=token_keys", "method.edit.value_target=token_continuation"]
+    overrides = TINY_UNIERASE + ["method.edit.protect=[token_keys]", "method.edit.value_target=token_continuation"]
     run_job(tmp_path, overrides, isolated_cache(tmp_path), "protected")
     (requests, cfg, token_texts, state), = calls
-    assert (cfg.protect, cfg.value_target) == ("token_keys", "token_continuation")
+    assert (cfg.protect, cfg.value_target) == (["token_keys"], "token_continuation")
     assert sorted(question for question, _ in token_texts) == sorted(request.question for request in requests)
     unlearn_id = AutoTokenizer.from_pretrained(tmp_path / "protected" / "model").convert_tokens_to_ids("<unlearn_0>")
     for request in requests:
@@ -156,14 +156,14 @@ def test_alphaedit_refusal_targets_the_refusal_itself(tiny):
     from unierase.unierase import UniErase, UniEraseConfig
 
     _, tokenizer = tiny
-    method = UniErase(UniEraseConfig(learned_token=False, edit=EditConfig(protect="none")))
+    method = UniErase(UniEraseConfig(learned_token=False, edit=EditConfig(protect=[])))
     method.pool = ["I'm not sure about that.", "I have no idea."]
     (edit,) = method.requests(tokenizer, [QA(uid="q", question="Who wrote it?", answer="Jane.", group="a")])
     ids = [edit.target_id, *edit.continuation]
     assert ids[-1] == turn_end_id(tokenizer)
     assert tokenizer.decode(ids[:-1]) in method.pool and method.token_texts(tokenizer) == []
     with pytest.raises(ConfigError, match="token_keys"):
-        UniEraseConfig(learned_token=False, edit=EditConfig(protect="token_keys"))
+        UniEraseConfig(learned_token=False, edit=EditConfig(protect=["token_keys"]))
 
 
 @pytest.mark.slow

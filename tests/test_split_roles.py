@@ -137,3 +137,34 @@ def test_settings_declare_the_roles_of_the_splits_they_make(tiny, tiny_cfg, tmp_
         {"forget": FORGET, "siblings_0": FORGET, "siblings_2": FORGET},
         {"forget": FORGET, "siblings": FORGET}, {"forget": FORGET, "siblings": FORGET},
     ]
+
+
+def test_sequential_protection_never_sees_the_scored_retain_split(data_dir, tiny, tiny_cfg, tmp_path, monkeypatch):
+    """cpu_tofu_sequential: the target learns retain authors 0-3, the retain split scores 0-1, and UniErase's
+    edit.protect=[retain_keys] reads exactly authors 2-3, none of whose questions any split scores."""
+    from hydra import compose, initialize_config_dir
+
+    import unierase.unierase as unierase_method
+    from benchmarks.tofu import TofuConfig, load_tofu
+    from unierase.config import typed
+    from unierase.run import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=cpu_tofu_sequential", f"benchmark.data_dir={data_dir}"])
+    benchmark = load_tofu(typed(cfg.benchmark, TofuConfig))
+    scored = {qa.question for rows in benchmark.eval_splits.values() for qa in rows}
+    protected = benchmark.unscored_retain()
+    assert {qa.group for qa in benchmark.eval_splits["retain"]} == {"retain/author0", "retain/author1"}
+    assert len(protected) == 40 and not scored & {qa.question for qa in protected}
+    assert {qa.question for qa in protected} < {qa.question for qa in benchmark.retain_train}
+
+    seen = {}
+    monkeypatch.setattr(unierase_method, "apply_edits",
+                        lambda *args, retain, **kwargs: seen.setdefault("retain", retain))
+    monkeypatch.setattr(unierase_method, "first_token_rate", lambda *args: 1.0)
+    method = unierase_method.UniErase(unierase_method.UniEraseConfig(learned_token=False))
+    method.pool = ["I'm not sure."]
+    ctx = RunContext(run_dir=tmp_path, cache_dir=tmp_path, model_cfg=tiny_cfg, trainer_cfg=TrainerConfig(), seed=0,
+                     results_key="k")
+    method.unlearn(None, tiny[1], benchmark.rounds[0], benchmark, ctx)
+    assert seen["retain"] == [(qa.question, qa.subject) for qa in protected]

@@ -70,6 +70,12 @@ class Benchmark:
     generic_questions: list[str] = field(default_factory=list)
     holdout: list[QA] = field(default_factory=list)  # authors the target never learns (membership-inference)
 
+    def unscored_retain(self) -> list[QA]:
+        """`retain_train` rows no evaluation split asks about: what a method may protect without seeing what is
+        scored (UniErase's edit.protect=[retain_keys])."""
+        scored = {qa.question for rows in self.eval_splits.values() for qa in rows}
+        return [qa for qa in self.retain_train if qa.question not in scored]
+
     def utility_splits(self) -> dict[str, EvalSplit]:
         """`eval_splits` with their role: what the target knows and unlearning must keep."""
         return {name: EvalSplit(SplitRole.UTILITY, rows) for name, rows in self.eval_splits.items()}

@@ -49,9 +49,9 @@ class UniEraseConfig:
 
     def __post_init__(self) -> None:
         check(self, choices={"kind": ("unierase",)}, at_least={"generic_questions": 1})
-        if not self.learned_token and self.edit.protect == "token_keys":
-            raise ConfigError("edit.protect", "is token_keys, which protects the unlearning token's training texts: "
-                              "with learned_token=false there is no token (use none or retain_keys)")
+        if not self.learned_token and "token_keys" in self.edit.protect:
+            raise ConfigError("edit.protect", "lists token_keys, which protects the unlearning token's training "
+                              "texts: with learned_token=false there is no token (use [] or [retain_keys])")
 
 
 def first_token_rate(model: PreTrainedModel, tokenizer: Any, edits: list[EditRequest], model_cfg: ModelConfig) -> float:
@@ -158,7 +158,7 @@ class UniErase(Unlearner):
     def unlearn(self, model: PreTrainedModel, tokenizer: Any, request: list[QA], benchmark: Benchmark,
                 ctx: RunContext) -> PreTrainedModel:
         start = time.perf_counter()
-        retain = [(qa.question, qa.subject) for qa in benchmark.retain_train]
+        retain = [(qa.question, qa.subject) for qa in benchmark.unscored_retain()]
         edits = self.requests(tokenizer, request)
         self.state = apply_edits(model, tokenizer, edits, self.cfg.edit, ctx.model_cfg,
                                  self.projectors, self.state, retain=retain, token_texts=self.token_texts(tokenizer))

@@ -57,6 +57,14 @@ def check_target(request: EditRequest, vocab_size: int) -> None:
                          f"({vocab_size})")
 
 
+def protected_keys(run: EditRun, kinds: Sequence[str], retain: Sequence[tuple[str, str | None]] | None,
+                   token_texts: Sequence[tuple[str, Sequence[int]]] | None) -> dict[int, Tensor]:
+    """The keys of every kind in `kinds`, side by side (m x n_protected per layer)."""
+    parts = [request_keys(run, list(retain), run.cfg.layers)[0] if kind == "retain_keys"
+             else continuation_keys(run, list(token_texts), run.cfg.layers) for kind in kinds]
+    return {layer: torch.cat([part[layer] for part in parts], dim=1) for layer in run.cfg.layers}
+
+
 def apply_edits(
     model: torch.nn.Module, tokenizer: Any, requests: Sequence[EditRequest], cfg: EditConfig,
     model_cfg: ModelConfig, projectors: dict[int, Tensor], state: EditState | None = None,
@@ -65,8 +73,9 @@ def apply_edits(
 ) -> EditState:
     """Edit `model` in place for every request not yet in `state.done`; returns the (updated) state.
 
-    `retain` (question, subject) pairs feed edit.protect=retain_keys; `token_texts` (question,
-    token + refusal + token ids) pairs, Stage A's training texts, feed edit.protect=token_keys.
+    `retain` (question, subject) pairs, retain questions no evaluation scores, feed edit.protect=[retain_keys];
+    `token_texts` (question, token + refusal + token ids) pairs, Stage A's training texts, feed
+    edit.protect=[token_keys].
     """
     key_modules, _ = edited_modules(model, cfg, model_cfg)
     missing = [layer for layer in cfg.layers if layer not in projectors]
@@ -76,8 +85,9 @@ def apply_edits(
     for request in requests:
         check_target(request, vocab_size)
     needs = {"retain_keys": ("retain questions", retain), "token_keys": ("the token's training texts", token_texts)}
-    if cfg.protect in needs and not needs[cfg.protect][1] and (state is None or not state.protect_keys):
-        raise ValueError(f"edit.protect={cfg.protect} needs {needs[cfg.protect][0]}")
+    for kind in cfg.protect:
+        if not needs[kind][1] and (state is None or not state.protect_keys):
+            raise ValueError(f"edit.protect lists {kind}, which needs {needs[kind][0]}")
 
     p_hash = projector_hash({layer: projectors[layer] for layer in cfg.layers})
     if state is None:
@@ -92,9 +102,8 @@ def apply_edits(
             state.context_templates = (cfg.context_templates if cfg.context_templates is not None
                                        else generate_context_templates(model, tokenizer, cfg.seed))
         run = EditRun.create(model, tokenizer, cfg, model_cfg, projectors, state.context_templates)
-        if cfg.protect != "none" and not state.protect_keys:
-            state.protect_keys = (request_keys(run, list(retain), cfg.layers)[0] if cfg.protect == "retain_keys"
-                                  else continuation_keys(run, list(token_texts), cfg.layers))
+        if cfg.protect and not state.protect_keys:  # read once, on the model before any edit
+            state.protect_keys = protected_keys(run, cfg.protect, retain, token_texts)
             state._C.clear()
         done = set(state.done)
         pending = [r for r in requests if r.uid not in done]

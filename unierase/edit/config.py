@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from unierase.config import ConfigError, check
 
+PROTECTED_KEYS = ("retain_keys", "token_keys")
+
 
 @dataclass
 class EditConfig:
@@ -31,10 +33,11 @@ class EditConfig:
     mom2_n_samples: int | None = None  # None: every chunk
     mom2_chunk_tokens: int = 1024
     mom2_batch_size: int = 4
-    # none | retain_keys: the keys of retain questions | token_keys: the keys at the unlearning token and
-    # its refusal in Stage A's own training texts, so the edit does not undo the token's "U -> refusal"
-    # behaviour (docs/algorithm.md, "Departures from the paper").
-    protect: str = "none"
+    # Keys every update must leave alone besides the past requests' (C), any of: retain_keys, the keys of the
+    # benchmark's retain questions that no evaluation split scores; token_keys, the keys at the unlearning token
+    # and its refusal in Stage A's own training texts, so the edit does not undo the token's "U -> refusal"
+    # behaviour (docs/algorithm.md, "Departures from the paper"). Empty: the paper.
+    protect: list[str] = field(default_factory=list)
     protect_weight: float = 1.0
     forward_batch_size: int = 16  # sequences per forward pass when measuring keys
     value_autocast: str | None = None  # e.g. "bfloat16": z* optimisation forwards under autocast (CPU speed)
@@ -49,6 +52,9 @@ class EditConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.protect, str):
+            raise ConfigError("protect", f"must be a list (e.g. [token_keys]), got {self.protect!r}")
+        self.protect = list(self.protect)
         # Layer indices below the model's depth: unierase/validate.py (it needs the model's config).
         check(self, at_least={"layers": 0, "v_steps": 1, "v_weight_decay": 0, "kl_factor": 0, "early_stop_loss": 0,
                               "nullspace_threshold": 0, "L2": 0, "batch_size": 1, "mom2_n_samples": 1,
@@ -56,12 +62,14 @@ class EditConfig:
                               "forward_batch_size": 1, "suppressed_weight": 0},
               positive=("v_lr", "clamp_norm_factor"), seeds=("seed",),
               choices={"key_position": ("subject_last", "last"), "context_layout": ("in_user_turn", "reference"),
-                       "nullspace_mode": ("absolute", "relative"), "protect": ("none", "retain_keys", "token_keys"),
+                       "nullspace_mode": ("absolute", "relative"), "protect": PROTECTED_KEYS,
                        "value_target": ("token", "token_continuation"),
                        "value_autocast": ("bfloat16", "float16", "float32")})
         if self.suppressed_weight and self.value_target != "token_continuation":
             raise ConfigError("suppressed_weight", "needs value_target=token_continuation (the refusal to fall back "
                               "on when the target token is banned)")
+        if len(set(self.protect)) != len(self.protect):
+            raise ConfigError("protect", f"lists a kind of key twice: {self.protect}")
         self.layers = sorted({int(layer) for layer in self.layers})
         if not self.layers:
             raise ConfigError("layers", "must list at least one layer")
