@@ -349,6 +349,28 @@ def test_both_kinds_of_protected_keys_sit_side_by_side(tiny, tiny_cfg):
         EditConfig(protect=["answer_keys"])
 
 
+def test_covariance_penalty_shields_the_corpus_directions(tiny, tiny_cfg):
+    """edit.covariance_weight: covariance_weight * C0 joins C, so the update moves W k far less for keys in C0's
+    span (here C0 = k k^T of one probe key) and not at all without it; without C0 it is one clear error."""
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    layer = LAYERS[0]
+    probe = torch.randn(model.config.intermediate_size, generator=torch.Generator().manual_seed(0))
+    covariances = {layer_: torch.outer(probe, probe) for layer_ in LAYERS}
+    moved = {}
+    for weight in (0.0, 1e4):
+        cfg = EditConfig(layers=LAYERS, key_position="last", v_steps=5, L2=1e-4, context_templates=TEMPLATES,
+                         covariance_weight=weight)
+        state = apply_edits(copy_model(model), tokenizer, requests(token_id, 2), cfg, tiny_cfg,
+                            identity_projectors(model), covariances=covariances)
+        moved[weight] = float((state.delta[layer] @ probe).norm() / state.delta[layer].norm())
+    assert moved[1e4] < 0.05 * moved[0.0]
+    with pytest.raises(ValueError, match="needs C0"):
+        apply_edits(copy_model(model), tokenizer, requests(token_id, 1),
+                    EditConfig(layers=LAYERS, covariance_weight=1.0, context_templates=TEMPLATES), tiny_cfg,
+                    identity_projectors(model))
+
+
 def test_context_templates_are_seeded(tiny):
     model, tokenizer = tiny
     first = generate_context_templates(model, tokenizer, seed=3)

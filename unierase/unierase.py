@@ -67,6 +67,7 @@ class UniErase(Unlearner):
         self.cfg = cfg
         self.artifact: TokenArtifact | None = None
         self.projectors: dict = {}
+        self.covariances: dict = {}  # C0 per layer, kept only for edit.covariance_weight
         self.state: EditState | None = None
         self.model_cfg: ModelConfig | None = None
         self.timings: dict[str, float] = {}
@@ -117,6 +118,7 @@ class UniErase(Unlearner):
             template, autocast_dtype(ctx.model_cfg) if model.device.type == "cpu" else None,
         )
         self.cache_hits["statistics"] = moments.cache_hit
+        self.covariances = moments.C0 if edit.covariance_weight else {}
         self.projectors = nullspace_projectors(moments, edit.nullspace_threshold, edit.nullspace_mode,
                                                ctx.cache_dir / "statistics")
         self.timings["time.statistics_s"] = time.perf_counter() - start
@@ -161,7 +163,8 @@ class UniErase(Unlearner):
         retain = [(qa.question, qa.subject) for qa in benchmark.unscored_retain()]
         edits = self.requests(tokenizer, request)
         self.state = apply_edits(model, tokenizer, edits, self.cfg.edit, ctx.model_cfg,
-                                 self.projectors, self.state, retain=retain, token_texts=self.token_texts(tokenizer))
+                                 self.projectors, self.state, retain=retain, token_texts=self.token_texts(tokenizer),
+                                 covariances=self.covariances)
         self.timings["time.edit_s"] = self.timings.get("time.edit_s", 0.0) + time.perf_counter() - start
         self.first_token_rate = first_token_rate(model, tokenizer, edits, ctx.model_cfg)
         return model

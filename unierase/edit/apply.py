@@ -42,7 +42,11 @@ def edit_chunk(run: EditRun, chunk: list[EditRequest], state: EditState) -> None
         state.delta[layer] += delta.to(state.delta[layer])
         state.write_weight(layer, run.key_modules[layer].weight)
 
-    update_layers(run, pairs, Z, state.past_C, write)
+    def protected(layer: int) -> Tensor:
+        C = state.past_C(layer)
+        return C + run.penalties[layer] if run.penalties else C
+
+    update_layers(run, pairs, Z, protected, write)
     new_keys, _ = request_keys(run, pairs, state.layers)
     state.add_keys(new_keys)
     state.done += [r.uid for r in chunk]
@@ -70,12 +74,14 @@ def apply_edits(
     model_cfg: ModelConfig, projectors: dict[int, Tensor], state: EditState | None = None,
     retain: Sequence[tuple[str, str | None]] | None = None,
     token_texts: Sequence[tuple[str, Sequence[int]]] | None = None,
+    covariances: dict[int, Tensor] | None = None,
 ) -> EditState:
     """Edit `model` in place for every request not yet in `state.done`; returns the (updated) state.
 
     `retain` (question, subject) pairs, retain questions no evaluation scores, feed edit.protect=[retain_keys];
     `token_texts` (question, token + refusal + token ids) pairs, Stage A's training texts, feed
-    edit.protect=[token_keys].
+    edit.protect=[token_keys]. `covariances` (C0 per layer, the statistics P is built from) feed
+    edit.covariance_weight.
     """
     key_modules, _ = edited_modules(model, cfg, model_cfg)
     missing = [layer for layer in cfg.layers if layer not in projectors]
@@ -85,6 +91,8 @@ def apply_edits(
     for request in requests:
         check_target(request, vocab_size)
     needs = {"retain_keys": ("retain questions", retain), "token_keys": ("the token's training texts", token_texts)}
+    if cfg.covariance_weight and not all(layer in (covariances or {}) for layer in cfg.layers):
+        raise ValueError(f"edit.covariance_weight={cfg.covariance_weight} needs C0 of every edited layer {cfg.layers}")
     for kind in cfg.protect:
         if not needs[kind][1] and (state is None or not state.protect_keys):
             raise ValueError(f"edit.protect lists {kind}, which needs {needs[kind][0]}")
@@ -101,7 +109,7 @@ def apply_edits(
         if state.context_templates is None:  # once per (model, seed), then persisted with the state
             state.context_templates = (cfg.context_templates if cfg.context_templates is not None
                                        else generate_context_templates(model, tokenizer, cfg.seed))
-        run = EditRun.create(model, tokenizer, cfg, model_cfg, projectors, state.context_templates)
+        run = EditRun.create(model, tokenizer, cfg, model_cfg, projectors, state.context_templates, covariances)
         if cfg.protect and not state.protect_keys:  # read once, on the model before any edit
             state.protect_keys = protected_keys(run, cfg.protect, retain, token_texts)
             state._C.clear()

@@ -39,6 +39,10 @@ class EditConfig:
     # behaviour (docs/algorithm.md, "Departures from the paper"). Empty: the paper.
     protect: list[str] = field(default_factory=list)
     protect_weight: float = 1.0
+    # Project option: covariance_weight * C0 joins C as well, MEMIT's penalty on changing W k for the corpus keys,
+    # weighted by how much each direction is used. It works where P cannot shield (a flat C0 spectrum) and grows
+    # no weaker as rounds accumulate. 0 = the paper.
+    covariance_weight: float = 0.0
     forward_batch_size: int = 16  # sequences per forward pass when measuring keys
     value_autocast: str | None = None  # e.g. "bfloat16": z* optimisation forwards under autocast (CPU speed)
     # token: z* is supervised on the target token alone, as in the paper. token_continuation: also on the
@@ -58,7 +62,7 @@ class EditConfig:
         # Layer indices below the model's depth: unierase/validate.py (it needs the model's config).
         check(self, at_least={"layers": 0, "v_steps": 1, "v_weight_decay": 0, "kl_factor": 0, "early_stop_loss": 0,
                               "nullspace_threshold": 0, "L2": 0, "batch_size": 1, "mom2_n_samples": 1,
-                              "mom2_chunk_tokens": 2, "mom2_batch_size": 1, "protect_weight": 0,
+                              "mom2_chunk_tokens": 2, "mom2_batch_size": 1, "protect_weight": 0, "covariance_weight": 0,
                               "forward_batch_size": 1, "suppressed_weight": 0},
               positive=("v_lr", "clamp_norm_factor"), seeds=("seed",),
               choices={"key_position": ("subject_last", "last"), "context_layout": ("in_user_turn", "reference"),

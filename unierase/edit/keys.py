@@ -33,16 +33,23 @@ class EditRun:
     h_module: torch.nn.Module
     projectors: dict[int, Tensor]
     templates: list[str]
+    penalties: dict[int, Tensor]  # covariance_weight * C0 per layer (empty when the weight is 0)
 
     @classmethod
     def create(cls, model: torch.nn.Module, tokenizer: Any, cfg: EditConfig, model_cfg: ModelConfig,
-               projectors: dict[int, Tensor], templates: list[str]) -> EditRun:
-        """Resolve the edited modules by name; the projectors of cfg.layers go to the device, in float32."""
+               projectors: dict[int, Tensor], templates: list[str],
+               covariances: dict[int, Tensor] | None = None) -> EditRun:
+        """Resolve the edited modules by name; projectors and penalties of cfg.layers go to the device, in float32."""
         key_modules, h_module = edited_modules(model, cfg, model_cfg)
         run_device = next(model.parameters()).device
-        return cls(model, tokenizer, cfg, model_cfg, key_modules, h_module,
-                   {layer: P.to(run_device, torch.float32) for layer, P in projectors.items() if layer in cfg.layers},
-                   templates)
+
+        def on_device(tensors: dict[int, Tensor], scale: float = 1.0) -> dict[int, Tensor]:
+            return {layer: scale * tensor.to(run_device, torch.float32)
+                    for layer, tensor in tensors.items() if layer in cfg.layers}
+
+        penalties = on_device(covariances or {}, cfg.covariance_weight) if cfg.covariance_weight else {}
+        return cls(model, tokenizer, cfg, model_cfg, key_modules, h_module, on_device(projectors), templates,
+                   penalties)
 
 
 def edited_modules(model: torch.nn.Module, cfg: EditConfig,
