@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,25 @@ def test_peak_rss_is_the_process_own_not_its_parents():
                            capture_output=True, text=True, check=True)
     assert float(child.stdout) < 0.5  # a Python with torch imported, without the parent's 0.6 GB
     del blob
+
+
+def test_a_target_built_in_a_child_process_logs_into_the_parents_run_log(tiny_cfg, data_dir, tmp_path):
+    """The child has its own logging; its lines (the build, each training epoch) must still reach run.log."""
+    from unierase.target import build_in_child
+
+    run_log, root = tmp_path / "run.log", logging.getLogger()
+    handler, level = logging.FileHandler(run_log, encoding="utf-8"), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        build_in_child(tiny_cfg, CACHE_ROOT, 0, "tiny", _qa_rows(data_dir, 2),
+                       FinetuneConfig(epochs=1, batch_size=2, max_length=96), TrainerConfig(precision="32-true"),
+                       tmp_path / "target", "target")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+    text = run_log.read_text(encoding="utf-8")
+    assert "building target in a child process" in text  # the parent's line
+    assert "building target model on 2 QA" in text and "training epoch 1/1" in text  # the child's
+    assert "Tip:" not in text and "GPU available" not in text  # Lightning's banner stays filtered in the child

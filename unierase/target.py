@@ -22,11 +22,13 @@ from transformers import PreTrainedModel
 from unierase.finetune import FinetuneConfig, finetune
 from unierase.io import atomic_dir, atomic_write_json, stable_hash
 from unierase.models import ModelConfig, load_model, load_saved, save_model
+from unierase.progress import quiet_third_party
 from unierase.records import QA, Benchmark
 from unierase.run_dir import current_rss_gb, peak_rss_gb
 from unierase.training import TrainerConfig
 
 log = logging.getLogger(__name__)
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"  # the format of Hydra's job logging
 
 
 @dataclass
@@ -95,9 +97,15 @@ def cached_finetune(
 
 def _build_from_base(model_cfg: ModelConfig, base_cache: Path, seed: int, base_id: str, data: list[QA],
                      recipe: FinetuneConfig, trainer_cfg: TrainerConfig, directory: Path, kind: str,
-                     gradient_checkpointing: bool) -> float:
-    """The child process of `build_in_child`: load the base, fine-tune it, save; returns the child's peak RSS."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s", force=True)
+                     gradient_checkpointing: bool, log_files: list[str]) -> float:
+    """The child process of `build_in_child`: load the base, fine-tune it, save; returns the child's peak RSS.
+    It logs to the console and appends to the parent's log files (`run.log`), which the waiting parent leaves be."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+    quiet_third_party()
+    for path in log_files:
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
     base, tokenizer = load_model(model_cfg, base_cache, seed=seed)
     build_finetuned(base, tokenizer, base_id, data, recipe, model_cfg, trainer_cfg, directory, kind,
                     gradient_checkpointing)
@@ -116,9 +124,10 @@ def build_in_child(model_cfg: ModelConfig, base_cache: Path, seed: int, base_id:
     """
     held = current_rss_gb()
     log.info("building %s in a child process", kind)
+    log_files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         child_peak = pool.submit(_build_from_base, model_cfg, base_cache, seed, base_id, data, recipe,
-                                 trainer_cfg, directory, kind, gradient_checkpointing).result()
+                                 trainer_cfg, directory, kind, gradient_checkpointing, log_files).result()
     if not is_built(directory):
         raise RuntimeError(f"the child process that built {kind} left nothing at {directory}")
     return held + child_peak
