@@ -67,6 +67,7 @@ def test_projector_worked_example():
     assert torch.allclose(P, torch.diag(torch.tensor([0.0, 1.0])), atol=1e-6)
     relative = null_space_projector(torch.diag(torch.tensor([4.0, 0.01])), threshold=0.02, mode="relative")
     assert torch.allclose(relative, P, atol=1e-6)  # 0.02 * 4 = 0.08 keeps the same direction
+    assert torch.equal(null_space_projector(torch.diag(torch.tensor([4.0, 0.01])), mode="none"), torch.eye(2))
 
 
 def test_projector_warns_on_degenerate_rank(caplog):

@@ -22,7 +22,7 @@ class EditConfig:
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
     nullspace_threshold: float = 2e-2
-    nullspace_mode: str = "absolute"  # absolute | relative (threshold * largest eigenvalue)
+    nullspace_mode: str = "absolute"  # absolute | relative (threshold * largest eigenvalue) | none (P = I)
     L2: float = 10.0
     batch_size: int = 1
     context_templates: list[str] | None = None  # T_1..T_n, each containing "{}"; None: generate
@@ -66,7 +66,7 @@ class EditConfig:
                               "forward_batch_size": 1, "suppressed_weight": 0},
               positive=("v_lr", "clamp_norm_factor"), seeds=("seed",),
               choices={"key_position": ("subject_last", "last"), "context_layout": ("in_user_turn", "reference"),
-                       "nullspace_mode": ("absolute", "relative"), "protect": PROTECTED_KEYS,
+                       "nullspace_mode": ("absolute", "relative", "none"), "protect": PROTECTED_KEYS,
                        "value_target": ("token", "token_continuation"),
                        "value_autocast": ("bfloat16", "float16", "float32")})
         if self.suppressed_weight and self.value_target != "token_continuation":

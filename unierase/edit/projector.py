@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 
 def null_space_projector(C0: Tensor, threshold: float = 2e-2, mode: str = "absolute",
                          name: str = "C0") -> Tensor:
-    """P = U_hat U_hat^T over the eigenvectors of C0 whose eigenvalue is below the threshold (float32)."""
-    if mode not in ("absolute", "relative"):
-        raise ValueError(f"nullspace_mode must be absolute or relative, got '{mode}'")
+    """P = U_hat U_hat^T over the eigenvectors of C0 whose eigenvalue is below the threshold (float32); mode none:
+    the identity (no projection: what shields preserved keys is then covariance_weight * C0 in the update)."""
+    if mode not in ("absolute", "relative", "none"):
+        raise ValueError(f"nullspace_mode must be absolute, relative or none, got '{mode}'")
     m = C0.shape[0]
+    if mode == "none":
+        return torch.eye(m)
     # float64 is exact enough for small m; above 8192 it costs too much memory and time.
     C = C0.to(torch.float64 if m <= 8192 else torch.float32)
     eigenvalues, U = torch.linalg.eigh((C + C.T) / 2)
