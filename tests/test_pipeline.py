@@ -168,7 +168,7 @@ def test_alphaedit_refusal_targets_the_refusal_itself(tiny):
 
 @pytest.mark.slow
 def test_alphaedit_refusal_edits_without_adding_a_token(tmp_path, data_dir):
-    metrics, run_dir = run_job(tmp_path, TINY_UNIERASE + ["method.learned_token=false", "method.edit.protect=none"],
+    metrics, run_dir = run_job(tmp_path, TINY_UNIERASE + ["method.learned_token=false", "method.edit.protect=[]"],
                                isolated_cache(tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
     assert not [t for t in tokenizer.get_vocab() if t.startswith("<unlearn_")]
@@ -178,14 +178,16 @@ def test_alphaedit_refusal_edits_without_adding_a_token(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, data_dir):
+    """A job stopped after round 1 of 2 resumes there, and asking for more rounds extends the same state (the state
+    key leaves out setting.rounds), with the results of one straight 3-round run."""
     overrides = ["method=ga_gd", "setting=sequential", "setting.rounds=3", "benchmark.known_forget=forget10",
                  "benchmark.retain_authors=1", "eval.max_rows=2"]
     straight, straight_dir = run_job(tmp_path, overrides, isolated_cache(tmp_path), "straight")
     cache = isolated_cache(tmp_path / "interrupted")
     with pytest.raises(RuntimeError, match="simulated failure"):
-        run_job(tmp_path, overrides + ["setting.fail_after_round=2"], cache, "failed")
+        run_job(tmp_path, overrides + ["setting.rounds=2", "setting.fail_after_round=1"], cache, "failed")
     state = next((cache / "sequential").iterdir())
-    assert json.loads((state / "progress.json").read_text())["history"][-1]["round"] == 2
+    assert json.loads((state / "progress.json").read_text())["history"][-1]["round"] == 1
     assert not [p for p in state.parent.iterdir() if p.name.startswith(".")]  # no half-written state
     resumed, resumed_dir = run_job(tmp_path, overrides, cache, "resumed")
     assert resumed["rounds"] == 3
@@ -195,6 +197,7 @@ def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, dat
     for key in ("cl.forget.rouge", "cl.forget.prob", "cl.forgotten.prob", "cl.retain.prob"):
         assert rounds[-1][key] == pytest.approx(expected[-1][key], rel=1e-6), key
     assert not (resumed_dir / "eval" / "round_01").exists()  # round 1 was not redone
+    assert (resumed_dir / "eval" / "round_02").is_dir() and (resumed_dir / "eval" / "round_03").is_dir()
 
 
 @pytest.mark.slow

@@ -125,7 +125,7 @@ def test_settings_declare_the_roles_of_the_splits_they_make(tiny, tiny_cfg, tmp_
 
     def ctx(name: str) -> RunContext:
         return RunContext(run_dir=tmp_path / name, cache_dir=tmp_path / "cache", model_cfg=tiny_cfg,
-                          trainer_cfg=TrainerConfig(), seed=0, results_key=name)
+                          trainer_cfg=TrainerConfig(), seed=0, results_key=name, sequential_key=name)
 
     run_batch(_Untouched(), model, tokenizer, bench, ctx("batch"), evaluate, SettingConfig())
     run_sequential(_Untouched(), model, tokenizer, bench, ctx("seq"), evaluate, SettingConfig(name="sequential"))

@@ -21,5 +21,7 @@ class RunContext:
     results_key: str
     # results_key without the evaluation config: what determines the unlearned model (`setting.reuse_unlearned`).
     unlearned_key: str = ""
+    # results_key without setting.rounds: the sequential state, which a later job asking for more rounds extends.
+    sequential_key: str = ""
     loggers: list[Logger] = field(default_factory=list)
     model_id: str = ""  # identity of the model being unlearned (the target), for cache keys

@@ -174,11 +174,13 @@ NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags", "reuse_results
 NOT_RESULT_SETTING_KEYS = ("fail_after_round", "reuse_unlearned")
 
 
-def results_key(cfg: DictConfig, benchmark: Benchmark | None) -> str:
-    """Hash of what determines a job's results: the config minus what does not change them, every record
-    of the benchmark (so another data folder is another job), and the code version."""
+def results_key(cfg: DictConfig, benchmark: Benchmark | None, ignored_setting: tuple[str, ...] = ()) -> str:
+    """Hash of what determines a job's results: the config minus what does not change them (and the setting's
+    `ignored_setting` keys), every record of the benchmark (so another data folder is another job), and the
+    code version."""
     relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in NOT_RESULT_KEYS}
-    relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k not in NOT_RESULT_SETTING_KEYS}
+    ignored = (*NOT_RESULT_SETTING_KEYS, *ignored_setting)
+    relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k not in ignored}
     data = None if benchmark is None else stable_hash(asdict(benchmark), 32)
     return stable_hash({"config": relevant, "data": data, "version": version("unierase")})
 
@@ -232,6 +234,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     ctx = RunContext(run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), model_cfg=model_cfg,
                      trainer_cfg=trainer_cfg, seed=int(cfg.seed),
                      results_key=results_key(cfg, checked.benchmark if unlearn else None),
+                     # Round k's state does not depend on how many rounds were asked for: more rounds extend it.
+                     sequential_key=results_key(cfg, checked.benchmark if unlearn else None, ("rounds",)),
                      loggers=make_loggers(cfg, run_dir))
     result = reuse_finished(ctx.cache_dir, ctx.results_key, run_dir) if unlearn and cfg.reuse_results else None
     if result is None:

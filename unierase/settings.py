@@ -88,9 +88,12 @@ def run_batch(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchma
 
 
 def _state_dir(ctx: RunContext) -> Path:
-    """Keyed by what determines the results (config, data, code version; not the timestamped run
-    directory), so a rerun of the same job finds it and any other job does not."""
-    return ctx.cache_dir / "sequential" / ctx.results_key
+    """Keyed by what determines the results (config but the number of rounds, data, code version; not the
+    timestamped run directory), so a rerun of the same job, or one asking for more rounds, finds it and any
+    other job does not."""
+    if not ctx.sequential_key:
+        raise ValueError("RunContext.sequential_key is empty: the sequential state needs its own key")
+    return ctx.cache_dir / "sequential" / ctx.sequential_key
 
 
 def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchmark: Benchmark,
@@ -106,6 +109,9 @@ def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, be
         history = json.loads((state / "progress.json").read_text())["history"]
         model = method.load_state(state / "method", model, tokenizer)
         log.info("resuming sequential run from %s after round %d", state, len(history))
+        if len(history) > len(rounds):
+            log.warning("the saved state has %d rounds, more than the %d asked for: reporting all %d",
+                        len(history), len(rounds), len(history))
     for number in range(len(history) + 1, len(rounds) + 1):
         start = time.perf_counter()
         model = method.unlearn(model, tokenizer, rounds[number - 1], benchmark, ctx)
