@@ -192,11 +192,11 @@ def test_sequential_resumes_after_a_failure_with_identical_results(tmp_path, dat
     resumed, resumed_dir = run_job(tmp_path, overrides, cache, "resumed")
     assert resumed["rounds"] == 3
     rounds = json.loads((resumed_dir / "rounds.json").read_text())
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]  # round 0: the target, evaluated once before round 1
     expected = json.loads((straight_dir / "rounds.json").read_text())
     for key in ("cl.forget.rouge", "cl.forget.prob", "cl.forgotten.prob", "cl.retain.prob"):
         assert rounds[-1][key] == pytest.approx(expected[-1][key], rel=1e-6), key
-    assert not (resumed_dir / "eval" / "round_01").exists()  # round 1 was not redone
+    assert not (resumed_dir / "eval" / "round_00").exists() and not (resumed_dir / "eval" / "round_01").exists()
     assert (resumed_dir / "eval" / "round_02").is_dir() and (resumed_dir / "eval" / "round_03").is_dir()
 
 

@@ -133,7 +133,7 @@ def test_settings_declare_the_roles_of_the_splits_they_make(tiny, tiny_cfg, tmp_
                 SettingConfig(name="precise", item_ids=[0, 2]))
     assert seen == [
         {"forget": FORGET},
-        {"forget": FORGET, "forgotten": FORGET}, {"forget": FORGET, "forgotten": FORGET},
+        {"forget": FORGET}, {"forget": FORGET, "forgotten": FORGET}, {"forget": FORGET, "forgotten": FORGET},
         {"forget": FORGET, "siblings_0": FORGET, "siblings_2": FORGET},
         {"forget": FORGET, "siblings": FORGET}, {"forget": FORGET, "siblings": FORGET},
     ]

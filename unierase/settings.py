@@ -46,6 +46,9 @@ class SettingConfig:
     rounds: int | None = None  # sequential: run the first n rounds (None = all)
     item_ids: list[int] = field(default_factory=lambda: [1])  # precise: forget-split row indices
     fail_after_round: int | None = None  # sequential: raise after this round (tests resumability)
+    # sequential: evaluate the model before the first request as round 0 (the target; for UniErase with its token
+    # added), on round 1's request, so every per-round curve starts from where it began.
+    evaluate_start: bool = True
     # batch: keep the unlearned model in the cache, keyed by everything but the evaluation config, and reuse it;
     # re-scoring a sweep with another `eval` then costs no training. Off by default: the key holds the package
     # version, not uncommitted code edits.
@@ -108,11 +111,15 @@ def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, be
     if (state / "progress.json").is_file():
         history = json.loads((state / "progress.json").read_text())["history"]
         model = method.load_state(state / "method", model, tokenizer)
-        log.info("resuming sequential run from %s after round %d", state, len(history))
-        if len(history) > len(rounds):
-            log.warning("the saved state has %d rounds, more than the %d asked for: reporting all %d",
-                        len(history), len(rounds), len(history))
-    for number in range(len(history) + 1, len(rounds) + 1):
+        log.info("resuming sequential run from %s after round %d", state, history[-1]["round"])
+        if history[-1]["round"] > len(rounds):
+            log.warning("the saved state has %d rounds, more than the %d asked for: reporting all of them",
+                        history[-1]["round"], len(rounds))
+    elif cfg.evaluate_start:  # kept in memory and saved with round 1: there is no method state to save before it
+        start = evaluate(model, tokenizer, {"forget": forget_like(rounds[0])}, ctx.run_dir / "eval" / "round_00")
+        history.append({"round": 0, **start})
+        log_metrics(ctx.loggers, history[0], step=0)
+    for number in range(history[-1]["round"] + 1 if history else 1, len(rounds) + 1):
         start = time.perf_counter()
         model = method.unlearn(model, tokenizer, rounds[number - 1], benchmark, ctx)
         seconds = time.perf_counter() - start
@@ -132,7 +139,7 @@ def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, be
             raise RuntimeError(f"setting.fail_after_round={number}: simulated failure")
     atomic_write_json(ctx.run_dir / "rounds.json", history)
     save_model(model, tokenizer, ctx.run_dir / "model")
-    return {**history[-1], "rounds": len(history)}
+    return {**history[-1], "rounds": history[-1]["round"]}
 
 
 def siblings(benchmark: Benchmark, item: QA) -> list[QA]:
