@@ -184,6 +184,15 @@ def test_hyperparameter_sweep_gives_one_point_per_value(tmp_path):
     lines = plot_sequential(runs, tmp_path / "s.png")
     assert list(lines) == [p.text for p in points]
     assert [line["cl.forget.rouge"] for line in lines.values()] == [[(1, pytest.approx(0.6))], [(1, 1.5)]]
+    with open(tmp_path / "out" / "t_rounds.csv", newline="", encoding="utf-8") as handle:
+        per_round = list(csv.DictReader(handle))
+    # One row per run and round, labelled like the plot's lines (without their seed count), each seed its own row.
+    assert [(r["method"], r["seed"], r["round"], r["forget_rouge"], r["retain_rouge"]) for r in per_round] == [
+        (points[0].text.removesuffix(" (n=2)"), "0", "1", "0.1000", "0.5000"),
+        (points[0].text.removesuffix(" (n=2)"), "1", "1", "1.1000", "0.5000"),
+        (points[1].text.removesuffix(" (n=2)"), "0", "1", "1.0000", "0.5000"),
+        (points[1].text.removesuffix(" (n=2)"), "1", "1", "2.0000", "0.5000")]
+    assert per_round[0]["first_token_rate"] == "" and per_round[0]["run_dir"].endswith("0_unierase_cpu")
 
 
 def test_relative_data_folder_resolves_against_the_launch_directory(tmp_path):

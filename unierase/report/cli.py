@@ -1,7 +1,8 @@
 """`unierase-table PATH [PATH...] [--out DIR] [--name NAME]`: the report over the runs under PATH.
 
-Writes `<out>/<name>.md`, `<name>.csv`, `<name>_fe_vs_mu.png`, `<name>_sequential.png` when a run has
-`rounds.json`, and `<name>_audit.png` when a run has forget ROUGE under an audit attack; prints the Markdown.
+Writes `<out>/<name>.md`, `<name>.csv`, `<name>_fe_vs_mu.png`, `<name>_rounds.csv` and `<name>_sequential.png`
+when a run has `rounds.json`, and `<name>_audit.png` when a run has forget ROUGE under an audit attack; prints the
+Markdown.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from unierase.io import atomic_write_text
 from unierase.report.grouping import load_runs
 from unierase.report.plots import plot_audit, plot_fe_vs_mu, plot_sequential
 from unierase.report.runs import ATTACK_GROUP, any_value
-from unierase.report.tables import render_csv, render_markdown
+from unierase.report.tables import render_csv, render_markdown, render_rounds_csv
 
 
 def write_report(paths: list[Path], out: Path, name: str) -> str:
@@ -24,6 +25,7 @@ def write_report(paths: list[Path], out: Path, name: str) -> str:
     atomic_write_text(out / f"{name}.csv", render_csv(runs))
     plot_fe_vs_mu(runs, out / f"{name}_fe_vs_mu.png")
     if any(r.rounds for r in runs):
+        atomic_write_text(out / f"{name}_rounds.csv", render_rounds_csv(runs))
         plot_sequential(runs, out / f"{name}_sequential.png")
     if any_value(runs, ATTACK_GROUP.columns):  # what plot_audit draws: a membership-only audit has no heatmap
         plot_audit(runs, out / f"{name}_audit.png")

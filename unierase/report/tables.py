@@ -7,6 +7,7 @@ import io
 from typing import Any
 
 from unierase.report.grouping import same_seed_runs
+from unierase.report.plots import plot_units
 from unierase.report.runs import (
     AUDIT_COLUMNS,
     COLUMN_GROUPS,
@@ -106,4 +107,28 @@ def render_csv(runs: list[Run]) -> str:
                         + [_fmt(run.values[c.key], c.decimals, "") for c in columns]
                         + [str(FE in run.partial).lower(), str(MU in run.partial).lower(), run.config, diff,
                            str(id(run) in marked).lower(), str(run.path)])
+    return buffer.getvalue()
+
+
+# The per-round CSV's metric columns: (round entry key, CSV column).
+ROUND_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("cl.forget.rouge", "forget_rouge"), ("cl.forgotten.rouge", "forgotten_rouge"), ("cl.retain.rouge", "retain_rouge"),
+    ("cl.real_authors.rouge", "real_authors_rouge"), ("cl.world_facts.rouge", "world_facts_rouge"),
+    ("cl.forget.prob", "forget_prob"), ("cl.retain.prob", "retain_prob"),
+    ("unierase.first_token_rate", "first_token_rate"), ("time.unlearn_s", "unlearn_s"),
+)
+
+
+def render_rounds_csv(runs: list[Run]) -> str:
+    """One row per round of every sequential run (round 0: the model before the first request): `method` is the
+    run's configuration label, as in the plots' legend; `forget_rouge` scores the round's own request."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "seed", "round", *(column for _, column in ROUND_COLUMNS), "run_dir"])
+    for unit in plot_units([run for run in runs if run.rounds]):
+        for run in unit.runs:
+            for entry in run.rounds:
+                values = [entry.get(key) for key, _ in ROUND_COLUMNS]
+                writer.writerow([unit.label, _id_text(run.ids["seed"], ""), entry["round"],
+                                 *("" if v is None else f"{v:.4f}" for v in values), str(run.path)])
     return buffer.getvalue()
