@@ -3,7 +3,8 @@
 
 Standard splits are the `task_id == "1"` rows of the continual files; every 20-row block is one
 author. The CPU protocol keeps the paper's shape at small scale: the target learns the forget
-authors plus `retain_authors` retain authors (authors 0..n-1). `forget_authors` replaces the split
+authors plus `retain_authors` retain authors (authors f..f+n-1, f = `first_retain_author`). `forget_authors`
+replaces the split
 by any authors, named or numbered (DATA.md 1.4).
 """
 from __future__ import annotations
@@ -45,9 +46,11 @@ class TofuConfig:
     hub_path: str = "locuslab/TOFU"  # source=hub: a hub id (needs network) or a local folder in its layout
     split: str = "forget01"
     known_forget: str = "forget01"  # the forget authors the target model learns (>= split)
-    retain_authors: int | None = 4  # retain authors 0..n-1 the target learns; None = all 180
-    # The retain split scores authors 0..n-1 (at most 20, those with evaluation fields); None: every learned one. The
-    # learned authors above n are known but never scored: what a method may protect (UniErase's retain_keys).
+    retain_authors: int | None = 4  # retain authors f..f+n-1 the target learns; None = all 180 (f must be 0)
+    # The first learned retain author f: a validation protocol learns and scores other authors than the test's.
+    first_retain_author: int = 0
+    # The retain split scores the first n learned authors (those below 20 have evaluation fields); None: every learned
+    # one. The learned authors after them are known but never scored: what a method may protect (retain_keys).
     scored_retain_authors: int | None = None
     subject_table: str = "forget10_subject"  # or forget01_subject (they differ on 16 rows)
     refusal_pool: str = "idontknow_100"  # or reference_99
@@ -71,6 +74,12 @@ class TofuConfig:
         if self.scored_retain_authors is not None and self.scored_retain_authors > learned:
             raise ConfigError("scored_retain_authors", f"must be <= retain_authors ({learned}): only learned authors "
                               f"are scored, got {self.scored_retain_authors}")
+        scored = min(learned, self.scored_retain_authors or learned, RETAIN_EVAL_AUTHORS)
+        last = min(RETAIN_AUTHORS - learned, RETAIN_EVAL_AUTHORS - scored)
+        if not 0 <= self.first_retain_author <= last:
+            raise ConfigError("first_retain_author", f"must lie in [0, {last}]: the {learned} learned retain authors "
+                              f"end at author {RETAIN_AUTHORS - 1} and the {scored} scored ones need evaluation fields "
+                              f"(authors 0-{RETAIN_EVAL_AUTHORS - 1}), got {self.first_retain_author}")
         if SPLIT_SIZES[self.known_forget] < SPLIT_SIZES[self.split]:
             raise ConfigError("known_forget", f"must contain the split (split={self.split}, "
                               f"known_forget={self.known_forget}; forget01 < forget05 < forget10)")
@@ -93,7 +102,7 @@ class TofuConfig:
     def holdout_range(self) -> range:
         """The holdout's retain90 author indices; empty when the target learns any of them."""
         learned = RETAIN_AUTHORS if self.retain_authors is None else self.retain_authors
-        if learned > self.holdout_first_author:
+        if self.first_retain_author + learned > self.holdout_first_author:
             return range(0)
         return range(self.holdout_first_author, self.holdout_first_author + self.holdout_authors)
 
@@ -239,14 +248,14 @@ def load_tofu(cfg: TofuConfig) -> Benchmark:
         """The blocks of `authors` in `rows` (20 rows per author), the forgotten authors left out."""
         return [qa for a in authors if a not in gone for qa in rows[a * AUTHOR_ROWS: (a + 1) * AUTHOR_ROWS]]
 
-    learned = RETAIN_AUTHORS if cfg.retain_authors is None else cfg.retain_authors
-    scored = min(learned, RETAIN_EVAL_AUTHORS, cfg.scored_retain_authors or learned)
-    retain_known = kept(all_retain, range(learned))
-    evaluated = kept(retain_eval, range(scored))
+    first, learned = cfg.first_retain_author, RETAIN_AUTHORS if cfg.retain_authors is None else cfg.retain_authors
+    scored = min(learned, cfg.scored_retain_authors or learned, RETAIN_EVAL_AUTHORS)
+    retain_known = kept(all_retain, range(first, first + learned))
+    evaluated = kept(retain_eval, range(first, first + scored))
     if not retain_known or not evaluated:
         raise ConfigError("benchmark.forget_authors", f"leaves no retain author to learn or to score (the target "
-                          f"learns retain authors 0..{learned - 1} and scores 0..{scored - 1}): raise "
-                          "benchmark.retain_authors")
+                          f"learns retain authors {first}..{first + learned - 1} and scores {first}.."
+                          f"{first + scored - 1}): raise benchmark.retain_authors")
     forget_keys = {(qa.question, qa.answer) for qa in forget}
     target_train = known + retain_known
     return Benchmark(

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from benchmarks import BENCHMARKS
 from benchmarks.real_world import RealWorldConfig, load_real_world, with_answers
 from benchmarks.tofu import TofuConfig, load_tofu
-from unierase.config import typed
+from unierase.config import ConfigError, typed
 from unierase.evaluation.config import EvalConfig
 from unierase.finetune import FinetuneConfig, answer_loss, finetune
 from unierase.io import DataError, read_jsonl
@@ -304,3 +304,19 @@ def test_a_target_built_in_a_child_process_logs_into_the_parents_run_log(tiny_cf
     assert "building target in a child process" in text  # the parent's line
     assert "building target model on 2 QA" in text and "training epoch 1/1" in text  # the child's
     assert "Tip:" not in text and "GPU available" not in text  # Lightning's banner stays filtered in the child
+
+
+def test_tofu_retain_authors_from_an_offset_and_fewer_scored(data_dir):
+    """first_retain_author=10, retain_authors=3, scored_retain_authors=2: the target learns authors 10-12, the retain
+    split scores 10-11, and author 12 is known but unscored (what UniErase's retain_keys may protect)."""
+    bench = load_tofu(TofuConfig(data_dir=str(data_dir), retain_authors=3, first_retain_author=10,
+                                 scored_retain_authors=2))
+    groups = lambda rows: sorted({qa.group for qa in rows})  # noqa: E731
+    assert groups(bench.retain_train) == ["retain/author10", "retain/author11", "retain/author12"]
+    assert groups(bench.eval_splits["retain"]) == ["retain/author10", "retain/author11"]
+    assert groups(bench.unscored_retain()) == ["retain/author12"] and len(bench.unscored_retain()) == 20
+    assert {qa.question for qa in bench.eval_splits["retain"]} < {qa.question for qa in bench.retain_train}
+    with pytest.raises(ConfigError, match=r"first_retain_author must lie in \[0, 18\]"):
+        TofuConfig(retain_authors=3, first_retain_author=19, scored_retain_authors=2)
+    with pytest.raises(ConfigError, match="scored_retain_authors must be <= retain_authors"):
+        TofuConfig(retain_authors=2, scored_retain_authors=3)
