@@ -168,3 +168,26 @@ def test_sequential_protection_never_sees_the_scored_retain_split(data_dir, tiny
                      results_key="k")
     method.unlearn(None, tiny[1], benchmark.rounds[0], benchmark, ctx)
     assert seen["retain"] == [(qa.question, qa.subject) for qa in protected]
+
+
+def test_validation_protocol_shares_no_author_with_the_table(data_dir):
+    """cpu_tofu_validation (where hyperparameters are chosen) and cpu_tofu_batch (the table): no QA the one learns,
+    forgets or scores is learned, forgotten or scored by the other."""
+    from hydra import compose, initialize_config_dir
+
+    from benchmarks.tofu import TofuConfig, load_tofu
+    from unierase.config import typed
+    from unierase.run import CONFIG_DIR
+
+    def benchmark(experiment: str):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={experiment}", f"benchmark.data_dir={data_dir}"])
+        return load_tofu(typed(cfg.benchmark, TofuConfig))
+
+    def questions(bench) -> set[str]:
+        rows = [*bench.target_train, *bench.forget, *bench.retain_train, *bench.eval_splits["retain"]]
+        return {qa.question for qa in rows}
+
+    validation, table = benchmark("cpu_tofu_validation"), benchmark("cpu_tofu_batch")
+    assert len(validation.forget) == 40 and len(table.forget) == 200 and len(table.eval_splits["retain"]) == 200
+    assert not questions(validation) & questions(table)
