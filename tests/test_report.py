@@ -313,3 +313,27 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
     table = json.loads(table_file.read_text())
     assert table["columns"] == ["uid", "generation", "rouge"]
     assert table["data"] == [["a", "I am not sure.", 0.0], ["b", "Paris.", 1.0]]
+
+
+def test_select_keeps_the_utility_bound_then_maximises_forget_efficacy(tmp_path, capsys):
+    """unierase-select: reference utility 0.4, ratio 0.9 -> bound 0.36. L2=1 forgets most but keeps 0.30 (out);
+    L2=10 (0.70 / 0.38) beats L2=100 (0.50 / 0.40). Seeds are averaged first."""
+    from unierase.report.select import main as select_main
+
+    sweep = tmp_path / "validation"
+    for job, (l2, seed, fe, mu) in enumerate([(1.0, 0, 0.9, 0.30), (1.0, 1, 0.9, 0.30), (10.0, 0, 0.6, 0.37),
+                                              (10.0, 1, 0.8, 0.39), (100.0, 0, 0.5, 0.40)]):
+        _write_run(sweep / f"{job}_unierase_cpu", seed, fe, mu, l2=l2)
+    _write_run(tmp_path / "target_eval", 0, 0.0, 0.4)
+    select_main([str(sweep), "--reference", str(tmp_path / "target_eval"), "--out", str(tmp_path / "tuned")])
+    text = (tmp_path / "tuned" / "unierase_cpu.yaml").read_text(encoding="utf-8")
+    assert text.startswith("# @package _global_\n") and text in capsys.readouterr().out
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "tuned" / "unierase_cpu.yaml")) == {
+        "method": {"edit": {"L2": 10.0}}}
+    assert "0.7000 / 0.3800 / 2: method.edit.L2=10.0  <- chosen" in text
+    assert "0.9000 / 0.3000 / 2: method.edit.L2=1.0\n" in text and "3 configurations, 5 runs" in text
+
+    select_main([str(sweep), "--reference", str(tmp_path / "target_eval"), "--min-utility-ratio", "1.1",
+                 "--out", str(tmp_path / "strict")])  # bound 0.44: nothing keeps it
+    text = (tmp_path / "strict" / "unierase_cpu.yaml").read_text(encoding="utf-8")
+    assert "NO configuration kept the bound" in text and "method.edit.L2=100.0  <- chosen" in text

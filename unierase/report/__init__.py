@@ -18,6 +18,7 @@ Where each part lives:
   tables.py    the Markdown and CSV tables
   plots.py     the FE-vs-MU, sequential (per round) and audit (heatmap) plots, averaged over seeds
   cli.py       write_report and `unierase-table` (main)
+  select.py    `unierase-select`: each method's hyperparameters from a validation sweep, one rule for all
 """
 from unierase.report.cli import main, write_report
 from unierase.report.grouping import group_runs, load_runs, same_seed_runs

@@ -14,7 +14,7 @@ from unierase.report.runs import Run, _value_text, find_run_dirs, load_run
 UNSET = "(unset)"  # a setting one configuration has and another lacks
 
 
-def _seed_following(runs: list[Run]) -> set[str]:
+def seed_following(runs: list[Run]) -> set[str]:
     """Nested `seed` settings equal to the run's seed in every run that has them (`method.edit.seed: ${seed}`).
 
     Decided over all runs, not one at a time: `target.seed` is a literal 0 that a seed-0 run matches by
@@ -26,7 +26,7 @@ def _seed_following(runs: list[Run]) -> set[str]:
 
 def group_runs(runs: list[Run]) -> None:
     """Set each run's `config` and `differs`. A hash names a configuration within this set of runs."""
-    following = _seed_following(runs)
+    following = seed_following(runs)
     keys: dict[str, dict[str, Any]] = {}  # config hash -> the settings it hashes
     families: dict[tuple[Any, ...], set[str]] = defaultdict(set)  # family -> its config hashes
     for run in runs:

@@ -1,0 +1,129 @@
+"""`unierase-select SWEEP [SWEEP...] --reference RUN --out DIR`: each method's hyperparameters, chosen by one rule
+on a validation sweep and written as a config of the `tuned` group (issue #22).
+
+The rule, the same for every method: among the method's configurations in the sweep (seeds averaged), keep those
+whose model utility is at least `--min-utility-ratio` times the reference's (the target model scored on the same
+validation protocol: a `stage=eval` run), and take the one with the highest forget efficacy (ties: the higher
+utility). When none is feasible, the one with the highest utility is taken and the file says so. `<out>/<method>.yaml`
+holds the settings the sweep varied, at the chosen values, under a header listing every trial, so a table's rows
+say where their hyperparameters came from: `unierase experiment=cpu_tofu_batch method=ga_gd tuned=ga_gd`.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from unierase.io import atomic_write_text
+from unierase.report.grouping import load_runs, seed_following
+from unierase.report.runs import Run, load_run
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One configuration of a method in the sweep, its seeds averaged."""
+    config: str
+    settings: dict[str, Any]  # the settings the method's sweep varied, at this configuration's values
+    forget_efficacy: float | None
+    model_utility: float | None
+    runs: tuple[Run, ...]
+
+    def feasible(self, bound: float) -> bool:
+        return self.model_utility is not None and self.model_utility >= bound
+
+
+@dataclass(frozen=True)
+class Selection:
+    method: str
+    chosen: Trial
+    trials: tuple[Trial, ...]
+    bound: float  # the least model utility a trial must keep
+    feasible: bool  # False: no trial kept the bound; `chosen` is the one with the highest utility
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if len(present) == len(values) and present else None
+
+
+def trials_of(runs: list[Run]) -> list[Trial]:
+    """A method's configurations; `settings` holds the paths whose value differs between them."""
+    following = seed_following(runs)
+    paths = sorted({path for run in runs for path in run.settings if path not in following})
+    varied = [path for path in paths if len({repr(run.settings.get(path)) for run in runs}) > 1]
+    by_config: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_config[run.config].append(run)
+    return [Trial(config, {path: members[0].settings.get(path) for path in varied},
+                  _mean([run.values["forget_efficacy"] for run in members]),
+                  _mean([run.values["model_utility"] for run in members]), tuple(members))
+            for config, members in sorted(by_config.items())]
+
+
+def select(runs: list[Run], reference_utility: float, ratio: float) -> list[Selection]:
+    """The rule of the module docstring, per method."""
+    by_method: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_method[str(run.ids["method"])].append(run)
+    bound = ratio * reference_utility
+    selections = []
+    for method, members in sorted(by_method.items()):
+        trials = trials_of(members)
+        feasible = [t for t in trials if t.feasible(bound) and t.forget_efficacy is not None]
+        if feasible:
+            chosen = max(feasible, key=lambda t: (t.forget_efficacy, t.model_utility))
+        else:
+            chosen = max(trials, key=lambda t: -1.0 if t.model_utility is None else t.model_utility)
+        selections.append(Selection(method, chosen, tuple(trials), bound, bool(feasible)))
+    return selections
+
+
+def _number(value: float | None) -> str:
+    return "null" if value is None else f"{value:.4f}"
+
+
+def tuned_yaml(selection: Selection, sources: list[Path], reference: Path, reference_utility: float,
+               ratio: float) -> str:
+    """The `tuned` group entry: a header with the rule and every trial, then the chosen settings."""
+    chosen = selection.chosen
+    rule = (f"max forget efficacy subject to model utility >= {ratio} x the reference's {reference_utility:.4f} "
+            f"= {selection.bound:.4f}")
+    header = [
+        "# @package _global_",
+        f"# {selection.method}: chosen by unierase-select on {', '.join(str(s) for s in sources)}",
+        f"# (reference: {reference}). Rule: {rule}.",
+        f"# {len(selection.trials)} configurations, {sum(len(t.runs) for t in selection.trials)} runs. "
+        + ("" if selection.feasible else "NO configuration kept the bound: this is the one with the highest utility."),
+        "# trials (forget efficacy / model utility / seeds: settings):",
+    ]
+    for trial in selection.trials:
+        mark = "  <- chosen" if trial is chosen else ""
+        values = ", ".join(f"{path}={value}" for path, value in trial.settings.items()) or "(the only one)"
+        header.append(f"#   {_number(trial.forget_efficacy)} / {_number(trial.model_utility)} / "
+                      f"{len(trial.runs)}: {values}{mark}")
+    body = OmegaConf.create({})
+    for path, value in chosen.settings.items():
+        OmegaConf.update(body, path, value, force_add=True)
+    return "\n".join(header) + "\n" + (OmegaConf.to_yaml(body) if chosen.settings else "{}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="unierase-select", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", type=Path, metavar="SWEEP", help="directories searched for runs")
+    parser.add_argument("--reference", type=Path, required=True,
+                        help="a run directory scoring the target on the same protocol (stage=eval)")
+    parser.add_argument("--min-utility-ratio", type=float, default=0.9)
+    parser.add_argument("--out", type=Path, required=True, help="where <method>.yaml goes (e.g. conf/tuned)")
+    args = parser.parse_args(argv)
+    reference_utility = load_run(args.reference).values["model_utility"]
+    if reference_utility is None:
+        parser.error(f"{args.reference} has no model utility (cl.model_utility or its partial form)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for selection in select(load_runs(args.paths), reference_utility, args.min_utility_ratio):
+        text = tuned_yaml(selection, args.paths, args.reference, reference_utility, args.min_utility_ratio)
+        atomic_write_text(args.out / f"{selection.method}.yaml", text)
+        print(text)
