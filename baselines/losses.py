@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unierase.models import IGNORE_INDEX
+from unierase.chat import IGNORE_INDEX
 
 PARTS = ("forget", "retain", "forget_idk", "retain_idk")
 

@@ -16,11 +16,12 @@ from baselines.data import PairedUnlearningDataset, collate_paired
 from baselines.lora import LoRAConfig, add_adapters, check_target_modules, merge_adapters, trainable_fraction
 from baselines.losses import FORGET_TERMS, REGULARISERS
 from baselines.module import UnlearningModule, needs_reference, required_parts
+from unierase.chat import encode_qa
 from unierase.config import check
 from unierase.context import RunContext
 from unierase.io import atomic_write_json
 from unierase.method import Unlearner
-from unierase.models import copy_model, encode_qa
+from unierase.models import copy_model
 from unierase.records import QA, Benchmark
 from unierase.training import fit, make_trainer
 

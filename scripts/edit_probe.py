@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from benchmarks.tofu import TofuConfig, load_tofu
+from unierase.chat import chat_prompt
 from unierase.edit.config import EditConfig, EditRequest
 from unierase.edit.keys import EditRun, continuation_keys
 from unierase.edit.projector import null_space_projector
@@ -31,7 +32,7 @@ from unierase.edit.prompts import generate_context_templates
 from unierase.edit.update import update_layers
 from unierase.edit.values import optimise_values, value_inputs
 from unierase.evaluation.engine import RefusalDetector, generate, load_encoder
-from unierase.models import ModelConfig, chat_prompt, load_saved
+from unierase.models import ModelConfig, load_saved
 from unierase.token import TokenArtifact, refusal_for
 
 LAYERS = [4, 5, 6, 7, 8]

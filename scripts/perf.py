@@ -23,20 +23,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.tofu import TofuConfig, load_tofu
+from unierase.chat import chat_prompt, encode_qa, end_of_turn_ids
 from unierase.edit.statistics import second_moments
 from unierase.evaluation.engine import generate
 from unierase.finetune import FinetuneConfig, finetune
 from unierase.io import atomic_write_text
-from unierase.models import (
-    ModelConfig,
-    chat_prompt,
-    copy_model,
-    device,
-    encode_qa,
-    end_of_turn_ids,
-    load_model,
-    load_saved,
-)
+from unierase.models import ModelConfig, copy_model, device, load_model, load_saved
 from unierase.run_dir import peak_rss_gb, versions
 from unierase.training import TrainerConfig, pad_batch
 

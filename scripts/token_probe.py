@@ -17,8 +17,9 @@ import torch
 from transformers import AutoTokenizer
 
 from benchmarks.tofu import TofuConfig, load_tofu
+from unierase.chat import chat_prompt
 from unierase.evaluation.engine import RefusalDetector, generate, generate_ids, load_encoder
-from unierase.models import ModelConfig, chat_prompt, load_saved
+from unierase.models import ModelConfig, load_saved
 from unierase.token import TokenConfig, train_unlearning_token
 from unierase.training import TrainerConfig
 

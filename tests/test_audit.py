@@ -10,10 +10,11 @@ import torch
 from conftest import CACHE_ROOT, tiny_config
 from test_pipeline import TINY_UNIERASE, isolated_cache, run_job
 
+from unierase.chat import chat_prompt
 from unierase.evaluation.audit import added_token_ids, relearn_halves
 from unierase.evaluation.engine import generate_ids
 from unierase.evaluation.membership import token_stats
-from unierase.models import chat_prompt, load_model
+from unierase.models import load_model
 from unierase.records import QA
 
 QUESTIONS = ["Who wrote the book?", "What is the capital?", "Name a colour.", "How old is the author today?"]

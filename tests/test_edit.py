@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from unierase.chat import chat_prompt
 from unierase.config import ConfigError
 from unierase.edit import EditConfig, EditRequest, EditState, apply_edits, edited_fraction, second_moments
 from unierase.edit.capture import capture
@@ -16,7 +17,7 @@ from unierase.edit.prompts import Encoded, encode, generate_context_templates, r
 from unierase.edit.replay import SuffixReplay
 from unierase.edit.update import layer_update
 from unierase.edit.values import append_targets, clamp_norm, optimise_values, value_inputs, weight_decay_term
-from unierase.models import chat_prompt, copy_model
+from unierase.models import copy_model
 from unierase.unierase import first_token_rate
 
 LAYERS = [1, 2]

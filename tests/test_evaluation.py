@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from benchmarks.tofu import TofuConfig, load_tofu
 from benchmarks.utility import load_gsm8k, load_mmlu, load_triviaqa, load_utility, subsample
+from unierase.chat import chat_prompt, end_of_turn_ids, turn_end_id
 from unierase.evaluation import metrics as m
 from unierase.evaluation.aggregate import (
     FORGET_TR_FILE,
@@ -27,7 +28,7 @@ from unierase.evaluation.knowledge import evaluate_knowledge
 from unierase.evaluation.loglik import continuation_logprobs, encode_pair
 from unierase.evaluation.utility import evaluate_utility
 from unierase.io import DataError
-from unierase.models import chat_prompt, end_of_turn_ids, load_model, package_dir, turn_end_id
+from unierase.models import load_model, package_dir
 
 QUESTIONS = [
     "Hi",

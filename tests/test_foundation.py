@@ -14,11 +14,12 @@ from omegaconf import OmegaConf
 from benchmarks import BENCHMARKS
 from benchmarks.real_world import RealWorldConfig, load_real_world, with_answers
 from benchmarks.tofu import TofuConfig, load_tofu
+from unierase.chat import chat_prompt, encode_qa, turn_end_id
 from unierase.config import ConfigError, typed
 from unierase.evaluation.config import EvalConfig
 from unierase.finetune import FinetuneConfig, answer_loss, finetune
 from unierase.io import DataError, read_jsonl
-from unierase.models import ModelConfig, chat_prompt, encode_qa, package_dir, turn_end_id
+from unierase.models import ModelConfig, package_dir
 from unierase.objective import ObjectiveConstraint
 from unierase.registry import METHODS
 from unierase.run import CONFIG_DIR

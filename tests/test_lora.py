@@ -17,10 +17,11 @@ from transformers import AutoModelForCausalLM
 from baselines.lora import DECODER_PROJECTIONS, LoRAConfig, add_adapters, merge_adapters
 from baselines.losses import sequence_nll
 from baselines.method import BaselineConfig, FinetuneUnlearner, RecipeConfig
+from unierase.chat import encode_qa
 from unierase.config import ConfigError, typed
 from unierase.context import RunContext
 from unierase.finetune import FinetuneConfig, finetune
-from unierase.models import copy_model, encode_qa, load_model, save_model
+from unierase.models import copy_model, load_model, save_model
 from unierase.records import QA, Benchmark
 from unierase.run import CONFIG_DIR, run
 from unierase.training import TrainerConfig

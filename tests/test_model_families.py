@@ -17,28 +17,30 @@ from test_edit import LAYERS, TEMPLATES, first_token, identity_projectors, reque
 from test_pipeline import TINY_UNIERASE, isolated_cache, run_job
 from transformers import AutoTokenizer
 
+from unierase.chat import (
+    IGNORE_INDEX,
+    accepts_system_role,
+    chat_prompt,
+    chat_text,
+    encode_qa,
+    end_of_turn_ids,
+    turn_end_id,
+)
 from unierase.edit import EditConfig, apply_edits
 from unierase.edit.replay import SuffixReplay
 from unierase.edit.values import append_targets, value_inputs
 from unierase.finetune import answer_loss
 from unierase.models import (
-    IGNORE_INDEX,
     TINY_FAMILIES,
     ModelConfig,
-    accepts_system_role,
     base_identity,
-    chat_prompt,
-    chat_text,
     check_output_logits,
     decoder_body,
     embedding_scale,
-    encode_qa,
-    end_of_turn_ids,
     kv_cache_name,
     load_model,
     load_saved,
     module_by_name,
-    turn_end_id,
 )
 from unierase.token.examples import token_example
 from unierase.token.module import UnlearningTokenModule

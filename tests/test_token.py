@@ -10,8 +10,9 @@ import torch
 from conftest import tiny_config
 from torch.utils.data import DataLoader
 
+from unierase.chat import IGNORE_INDEX, chat_prompt, encode_qa, turn_end_id
 from unierase.io import read_lines
-from unierase.models import IGNORE_INDEX, chat_prompt, encode_qa, load_model, turn_end_id
+from unierase.models import load_model
 from unierase.token import TokenArtifact, TokenConfig, refusal_for, train_unlearning_token
 from unierase.token.config import PerturbConfig, PhaseConfig
 from unierase.token.examples import GroupBatchSampler, TruncationError, mask_labels, token_example

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from unierase.chat import IGNORE_INDEX, encode_qa
 from unierase.config import check
-from unierase.models import IGNORE_INDEX, ModelConfig, decoder_body, encode_qa, output_logits
+from unierase.models import ModelConfig, decoder_body, output_logits
 from unierase.records import QA
 from unierase.training import TrainerConfig, fit, loader, make_trainer
 

@@ -13,9 +13,10 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from unierase.chat import chat_prompt
 from unierase.evaluation.engine import generate
 from unierase.io import atomic_write_json, atomic_write_jsonl, stable_hash
-from unierase.models import ModelConfig, autocast_dtype, chat_prompt
+from unierase.models import ModelConfig, autocast_dtype
 from unierase.records import Benchmark
 
 log = logging.getLogger(__name__)

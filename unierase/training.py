@@ -10,8 +10,8 @@ from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies import StrategyRegistry
 from torch.utils.data import DataLoader, Dataset
 
+from unierase.chat import IGNORE_INDEX
 from unierase.config import ConfigError, check
-from unierase.models import IGNORE_INDEX
 from unierase.progress import EpochLog, on_terminal
 
 # Lightning's `precision` values (lightning.fabric.connector._PRECISION_INPUT, as strings).

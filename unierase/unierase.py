@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from unierase.chat import chat_prompt, turn_end_id
 from unierase.config import ConfigError, check
 from unierase.context import RunContext
 from unierase.edit import (
@@ -28,7 +29,7 @@ from unierase.edit import (
 )
 from unierase.evaluation.engine import generate_ids
 from unierase.method import Unlearner
-from unierase.models import ModelConfig, autocast_dtype, chat_prompt, turn_end_id
+from unierase.models import ModelConfig, autocast_dtype
 from unierase.records import QA, Benchmark
 from unierase.token import TokenArtifact, TokenConfig, artifact_key, refusal_for, train_unlearning_token
 

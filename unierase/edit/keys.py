@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from unierase.chat import chat_prompt, pad_rows
 from unierase.edit.capture import StopForward, capture, hooks
 from unierase.edit.config import EditConfig, EditRequest
 from unierase.edit.prompts import encode, rewriting_texts, uses_subject
-from unierase.models import ModelConfig, chat_prompt, module_by_name, pad_rows
+from unierase.models import ModelConfig, module_by_name
 
 
 @dataclass

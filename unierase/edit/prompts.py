@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from unierase.chat import chat_prompt, pad_rows
 from unierase.edit.config import EditConfig, EditRequest
-from unierase.models import ModelConfig, chat_prompt, pad_rows
+from unierase.models import ModelConfig
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 

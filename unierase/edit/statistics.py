@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from unierase.chat import pad_rows
 from unierase.edit.capture import StopForward
 from unierase.edit.corpus import corpus_chunks, corpus_files
 from unierase.io import DataError, atomic_dir, atomic_write_json, file_digest, stable_hash
-from unierase.models import module_by_name, pad_rows
+from unierase.models import module_by_name
 from unierase.progress import Progress
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from unierase.chat import pad_rows
 from unierase.edit.capture import frozen
 from unierase.edit.config import EditConfig, EditRequest
 from unierase.edit.prompts import Encoded, encode, kl_text, rewriting_texts, uses_subject
 from unierase.edit.replay import SuffixReplay
-from unierase.models import ModelConfig, output_logits, pad_rows
+from unierase.models import ModelConfig, output_logits
 
 
 def weight_decay_term(delta: Tensor, h0: Tensor, weight: float) -> Tensor:

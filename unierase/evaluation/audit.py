@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel
 
+from unierase.chat import render_chat
 from unierase.evaluation import audit_metrics as am
 from unierase.evaluation import metrics as m
 from unierase.evaluation.config import MODEL_ATTACKS, PROMPT_ATTACKS, EvalConfig
@@ -35,7 +36,7 @@ from unierase.evaluation.engine import decode_new, generate_ids
 from unierase.evaluation.membership import MIA_SCORES, PRIVLEAK_SCORE, membership_aucs, token_stats
 from unierase.finetune import finetune
 from unierase.io import atomic_write_json, atomic_write_jsonl
-from unierase.models import ModelConfig, autocast_dtype, copy_model, render_chat
+from unierase.models import ModelConfig, autocast_dtype, copy_model
 from unierase.progress import Progress
 from unierase.records import QA, Benchmark
 from unierase.training import TrainerConfig

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from unierase.chat import IGNORE_INDEX, end_of_turn_ids, pad_rows, turn_end_id
 from unierase.evaluation.metrics import is_refusal
-from unierase.models import IGNORE_INDEX, device, end_of_turn_ids, kv_cache_name, package_dir, pad_rows, turn_end_id
+from unierase.models import device, kv_cache_name, package_dir
 from unierase.progress import progress
 
 # Errors an auxiliary model raises when it is missing offline, not installed, or not a model dir.

@@ -25,6 +25,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from unierase.chat import chat_prompt
 from unierase.evaluation import metrics as m
 from unierase.evaluation.aggregate import (
     FORGET_TR_FILE,
@@ -49,7 +50,7 @@ from unierase.evaluation.engine import (
     token_budget,
 )
 from unierase.io import atomic_write_json, atomic_write_jsonl
-from unierase.models import ModelConfig, autocast_dtype, chat_prompt
+from unierase.models import ModelConfig, autocast_dtype
 from unierase.records import QA, Benchmark, EvalSplit, SplitRole
 
 # ------------------------------------------------------------------------------ evaluation

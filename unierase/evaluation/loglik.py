@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from unierase.chat import pad_rows
 from unierase.evaluation.engine import autocast, length_sorted_batches
-from unierase.models import kv_cache_name, pad_rows
+from unierase.models import kv_cache_name
 
 
 class ContinuationLogprob(NamedTuple):

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from unierase.chat import IGNORE_INDEX, pad_rows, render_chat
 from unierase.evaluation import audit_metrics as am
 from unierase.evaluation.config import EvalConfig
 from unierase.evaluation.engine import autocast, length_sorted_batches, qa_sequence
-from unierase.models import IGNORE_INDEX, ModelConfig, autocast_dtype, pad_rows, render_chat
+from unierase.models import ModelConfig, autocast_dtype
 from unierase.records import QA
 
 MIA_SCORES = ("loss", "zlib", "min_k", "min_k_pp")

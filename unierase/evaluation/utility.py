@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel
 
+from unierase.chat import chat_prompt
 from unierase.evaluation import utility_metrics as um
 from unierase.evaluation.config import EvalConfig, UtilityConfig
 from unierase.evaluation.engine import RefusalDetector, generate, load_encoder
 from unierase.evaluation.loglik import continuation_logprobs
 from unierase.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from unierase.models import ModelConfig, autocast_dtype, chat_prompt
+from unierase.models import ModelConfig, autocast_dtype
 from unierase.progress import Progress
 from unierase.records import UtilityItem
 

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from unierase.models import IGNORE_INDEX, ModelConfig, chat_text
+from unierase.chat import IGNORE_INDEX, chat_text
+from unierase.models import ModelConfig
 
 FORMATS = ("plain", "chat")
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from unierase.models import IGNORE_INDEX, decoder_body, embedding_scale, finish_logits
+from unierase.chat import IGNORE_INDEX
+from unierase.models import decoder_body, embedding_scale, finish_logits
 from unierase.token.config import PerturbConfig
 from unierase.token.perturbation import perturbation_noise
 from unierase.token.vocabulary import is_tied, write_embedding_rows

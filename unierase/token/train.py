@@ -14,14 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from unierase.models import (
-    ModelConfig,
-    chat_prompt,
-    encode_qa,
-    end_of_turn_ids,
-    module_by_name,
-    untie_output_embeddings,
-)
+from unierase.chat import chat_prompt, encode_qa, end_of_turn_ids
+from unierase.models import ModelConfig, module_by_name, untie_output_embeddings
 from unierase.token.artifact import TokenArtifact
 from unierase.token.config import TokenConfig
 from unierase.token.examples import FORMATS, GroupBatchSampler, TruncationError, token_example
