@@ -49,6 +49,16 @@ def requests(token_id: int, n: int = 3) -> list[EditRequest]:
     return [EditRequest(q, s, token_id, f"r{i}") for i, (q, s) in enumerate(QUESTIONS[:n])]
 
 
+def delta_hook(rows: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor):
+    """A forward hook adding delta[i] to the layer output at (rows[i], positions[i]): the value optimisation's
+    perturbation, done the slow way, to check a fast path against."""
+    def add_delta(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.index_put((rows, positions), hidden[rows, positions] + delta)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    return add_delta
+
+
 def identity_projectors(model) -> dict[int, torch.Tensor]:
     m = model.config.intermediate_size
     return {layer: torch.eye(m) for layer in LAYERS}
@@ -193,11 +203,7 @@ def test_suffix_replay_equals_a_full_forward(tiny, tiny_cfg):
     rows = torch.arange(len(enc.last))
     delta = torch.randn(len(rows), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
 
-    def add_delta(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden.index_put((rows, enc.lookup), hidden[rows, enc.lookup] + delta)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
+    add_delta = delta_hook(rows, enc.lookup, delta)
     h_module = model.model.layers[LAYERS[-1]]
     with torch.no_grad():
         handle = h_module.register_forward_hook(add_delta)

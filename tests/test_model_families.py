@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CACHE_ROOT, tiny_config
 from jinja2 import TemplateError
-from test_edit import LAYERS, TEMPLATES, first_token, identity_projectors, requests
+from test_edit import LAYERS, TEMPLATES, delta_hook, first_token, identity_projectors, requests
 from test_pipeline import TINY_UNIERASE, isolated_cache, run_job
 from transformers import AutoTokenizer
 
@@ -251,11 +251,7 @@ def test_suffix_replay_equals_a_full_forward(family):
     rows = torch.arange(len(enc.last))
     delta = torch.randn(len(rows), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
 
-    def add_delta(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden.index_put((rows, enc.lookup), hidden[rows, enc.lookup] + delta)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
+    add_delta = delta_hook(rows, enc.lookup, delta)
     h_module = module_by_name(model, cfg.layer_template.format(0))  # L = 0: sliding and global layers after it
     with torch.no_grad():
         handle = h_module.register_forward_hook(add_delta)
