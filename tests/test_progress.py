@@ -64,3 +64,8 @@ def test_third_party_noise_is_filtered_and_our_warnings_stay():
         warnings.warn("Found 137 module(s) in eval mode at the start of training.", UserWarning, stacklevel=1)
         warnings.warn("subject not found for 3 of 40 requests", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["subject not found for 3 of 40 requests"]
+    # Off a terminal the libraries' own bars (loading weights, writing shards) are switched off too.
+    import datasets
+    import transformers
+
+    assert not transformers.utils.logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled() is False

@@ -74,11 +74,18 @@ THIRD_PARTY_NOISE = (
 
 
 def quiet_third_party() -> None:
-    """Filter THIRD_PARTY_NOISE from the console and run.log (our own warnings stay)."""
+    """Filter THIRD_PARTY_NOISE from the console and run.log (our own warnings stay); off a terminal, also the
+    libraries' own bars (loading weights, writing shards), which there are walls of carriage returns."""
     for pattern in THIRD_PARTY_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if not on_terminal():
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
 
 
 class EpochLog(Callback):
