@@ -139,8 +139,8 @@ class FinetuneUnlearner(Unlearner):
             weight_decay=recipe.weight_decay, warmup_steps=warmup, max_steps=max_steps,
         )
         # max_steps ends training (epochs = max_steps worth of forget passes), as in the reference runner.
-        trainer = make_trainer(ctx.trainer_cfg, ctx.loggers or False, max_steps=max_steps, max_epochs=-1,
-                               accumulate_grad_batches=recipe.grad_accum)
+        trainer = make_trainer(ctx.trainer_cfg, ctx.loggers or False, f"{self.cfg.name} unlearning",
+                               max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=recipe.grad_accum)
         batches = DataLoader(dataset, batch_size=recipe.batch_size, shuffle=False, collate_fn=collate_paired)
         self.trainable_fraction = trainable_fraction(model)
         fit(trainer, module, batches)

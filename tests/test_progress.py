@@ -46,13 +46,13 @@ class _Regression(L.LightningModule):
 
 
 def test_training_logs_a_line_per_epoch_off_a_terminal(caplog):
-    trainer = make_trainer(TrainerConfig(), max_epochs=3)
+    trainer = make_trainer(TrainerConfig(), desc="token phase 1", max_epochs=3)  # each stage names itself
     assert not trainer.progress_bar_callback and any(isinstance(c, EpochLog) for c in trainer.callbacks)
     data = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
     with caplog.at_level(logging.INFO, logger="unierase.progress"):
         trainer.fit(_Regression(), data)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training epoch")]
-    assert [line.split(",")[0] for line in lines] == ["training epoch 1/3", "training epoch 2/3", "training epoch 3/3"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("token phase 1 epoch")]
+    assert [line.split(",")[0] for line in lines] == [f"token phase 1 epoch {k}/3" for k in (1, 2, 3)]
     assert all("loss" in line for line in lines)
 
 

@@ -81,7 +81,7 @@ def finetune(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
-        fit(make_trainer(trainer_cfg, max_epochs=recipe.epochs), module,
+        fit(make_trainer(trainer_cfg, desc="fine-tuning", max_epochs=recipe.epochs), module,
             loader(items, recipe.batch_size, shuffle=True, seed=recipe.seed))
     finally:
         if gradient_checkpointing:

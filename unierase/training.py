@@ -58,14 +58,15 @@ class TensorDictDataset(Dataset):
         return self.items[index]
 
 
-def make_trainer(cfg: TrainerConfig, loggers: list | bool = False, **limits: Any) -> L.Trainer:
+def make_trainer(cfg: TrainerConfig, loggers: list | bool = False, desc: str = "training",
+                 **limits: Any) -> L.Trainer:
     """A Trainer that saves nothing by itself: runs write their own artifacts atomically. Its progress: the bar
-    on a terminal, a line per epoch elsewhere."""
+    on a terminal, a line per epoch elsewhere, starting with `desc` (which stage is training)."""
     bar = cfg.enable_progress_bar and on_terminal()
     return L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
         precision=cfg.precision, logger=loggers, enable_checkpointing=False,
-        enable_progress_bar=bar, callbacks=[] if bar or not cfg.enable_progress_bar else [EpochLog()],
+        enable_progress_bar=bar, callbacks=[] if bar or not cfg.enable_progress_bar else [EpochLog(desc)],
         enable_model_summary=False,
         log_every_n_steps=cfg.log_every_n_steps, gradient_clip_val=cfg.gradient_clip_val,
         num_sanity_val_steps=0, **limits,

@@ -58,14 +58,14 @@ def _sanity(module: UnlearningTokenModule, tokenizer: Any, picks: list[tuple[str
 
 
 def _fit(module: UnlearningTokenModule, dataset: TensorDictDataset, groups: list[list[int]], epochs: int,
-         lr: float, cfg: TokenConfig, trainer_cfg: TrainerConfig) -> list[float]:
+         lr: float, cfg: TokenConfig, trainer_cfg: TrainerConfig, desc: str) -> list[float]:
     """One fresh-Adam run of `epochs` over `groups`; returns its per-step losses."""
     if epochs <= 0:
         return []
     module.lr = lr
     module.losses = []
     batches = DataLoader(dataset, batch_sampler=GroupBatchSampler(groups, cfg.batch_size, cfg.shuffle, cfg.seed))
-    trainer = make_trainer(trainer_cfg, max_epochs=epochs)
+    trainer = make_trainer(trainer_cfg, desc=desc, max_epochs=epochs)
     try:
         fit(trainer, module, batches)
     finally:
@@ -154,8 +154,10 @@ def train_unlearning_token(
     losses: dict[str, list[float]] = {}
     sanity: dict[str, list[dict[str, str]]] = {}
     try:
-        losses["phase1"] = _fit(module, phase1, groups1, cfg.phase1.epochs, cfg.phase1.lr, cfg, trainer_cfg)
-        losses["phase2"] = _fit(module, phase2, groups2, cfg.phase2.epochs, cfg.phase2.lr, cfg, trainer_cfg)
+        losses["phase1"] = _fit(module, phase1, groups1, cfg.phase1.epochs, cfg.phase1.lr, cfg, trainer_cfg,
+                                  "token phase 1")
+        losses["phase2"] = _fit(module, phase2, groups2, cfg.phase2.epochs, cfg.phase2.lr, cfg, trainer_cfg,
+                                  "token phase 2")
         sanity["phase2"] = _sanity(module, tokenizer, picks, model_cfg, cfg.sanity_max_new_tokens, "phase 2")
         if cfg.perturb.mode != "none" and cfg.phase3.epochs > 0:
             if not layers:
@@ -168,11 +170,13 @@ def train_unlearning_token(
                     for layer in layers:
                         module.perturb_weights = [weights[layer]]
                         losses[f"phase3/layer_{layer}"] = _fit(
-                            module, phase2, groups2, cfg.phase3.epochs, cfg.phase3.lr, cfg, trainer_cfg)
+                            module, phase2, groups2, cfg.phase3.epochs, cfg.phase3.lr, cfg, trainer_cfg,
+                            f"token phase 3 (layer {layer})")
                 else:
                     module.perturb_weights = list(weights.values())
                     losses["phase3/all_layers"] = _fit(
-                        module, phase2, groups2, cfg.phase3.epochs * len(layers), cfg.phase3.lr, cfg, trainer_cfg)
+                        module, phase2, groups2, cfg.phase3.epochs * len(layers), cfg.phase3.lr, cfg, trainer_cfg,
+                        "token phase 3")
                 module.perturb, module.perturb_weights = None, []
                 sanity["phase3"] = _sanity(module, tokenizer, picks, model_cfg, cfg.sanity_max_new_tokens, "phase 3")
         module.write_rows()
