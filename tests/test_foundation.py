@@ -303,7 +303,7 @@ def test_a_target_built_in_a_child_process_logs_into_the_parents_run_log(tiny_cf
         handler.close()
     text = run_log.read_text(encoding="utf-8")
     assert "building target in a child process" in text  # the parent's line
-    assert "building target model on 2 QA" in text and "training epoch 1/1" in text  # the child's
+    assert "building target model on 2 QA" in text and "fine-tuning epoch 1/1" in text  # the child's
     assert "Tip:" not in text and "GPU available" not in text  # Lightning's banner stays filtered in the child
 
 
