@@ -151,7 +151,7 @@ def test_alphaedit_refusal_targets_the_refusal_itself(tiny):
     the continuation is the rest of the refusal and the turn end."""
     from unierase.config import ConfigError
     from unierase.edit import EditConfig
-    from unierase.models import turn_end_id
+    from unierase.chat import turn_end_id
     from unierase.records import QA
     from unierase.unierase import UniErase, UniEraseConfig
 
