@@ -149,9 +149,9 @@ def test_unierase_protects_token_keys_with_continuation_targets(tmp_path, data_d
 def test_alphaedit_refusal_targets_the_refusal_itself(tiny):
     """The ablation row (method.learned_token=false): each request's target is its refusal's first token, and
     the continuation is the rest of the refusal and the turn end."""
+    from unierase.chat import turn_end_id
     from unierase.config import ConfigError
     from unierase.edit import EditConfig
-    from unierase.chat import turn_end_id
     from unierase.records import QA
     from unierase.unierase import UniErase, UniEraseConfig
 
