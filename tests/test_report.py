@@ -33,6 +33,9 @@ def test_table_matches_golden(tmp_path, capsys):
     assert (unierase["forget_rouge"], unierase["retain_rouge"], unierase["edited_fraction"]) == (
         "0.088", "0.612", "0.012")
     assert (unierase["triviaqa"], unierase["humaneval"], unierase["wall_time_s"]) == ("0.333", "", "1235")
+    # What each row cost: UniErase's edited share, a baseline's trained share (1, or LoRA's), the peak memory.
+    assert (unierase["trained_fraction"], unierase["peak_rss_gb"]) == ("", "5.2")
+    assert (ga_batch["trained_fraction"], ga_batch["peak_rss_gb"]) == ("1.000", "7.0")
     # Each utility accuracy has its standard error beside it (empty where metrics.json has none).
     assert (unierase["mmlu_stderr"], unierase["triviaqa_stderr"], ga_batch["mmlu_stderr"]) == ("0.163", "0.211", "")
     assert (ga_seq["split"], ga_seq["model"], ga_seq["ou_model_utility"]) == ("forget01", "smollm2_135m", "0.288")
@@ -235,7 +238,7 @@ def test_audit_metrics_get_tables_of_their_own(tmp_path):
     assert "0.5 = indistinguishable" in markdown and "≈ 0 is ideal" in markdown
 
     header = list(rows[0])
-    assert header.index("wall_time_s") + 1 == header.index("audit_plain_forget_rouge")
+    assert header.index("peak_rss_gb") + 1 == header.index("audit_plain_forget_rouge")
     assert header.index("audit_suppression_banned_tokens") + 1 == header.index("forget_efficacy_is_partial")
     audited, not_audited = sorted(rows, key=lambda r: r["run_dir"])
     assert (audited["audit_plain_forget_rouge"], audited["audit_plain_suppressed_forget_rouge"],

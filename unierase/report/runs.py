@@ -59,8 +59,10 @@ METRIC_COLUMNS: tuple[Column, ...] = (
                                    ("humaneval", "HumanEval"))
       for column in (Column(bench, header, f"ut.{bench}.acc"),
                      Column(f"{bench}_stderr", f"{header} SE", f"ut.{bench}.acc_stderr"))),
-    Column("edited_fraction", "Edited Fraction", "unierase.edited_fraction"),
+    Column("edited_fraction", "Edited Fraction", "unierase.edited_fraction"),  # UniErase: the edited down_proj share
+    Column("trained_fraction", "Trained Fraction", "baseline.trainable_fraction"),  # a baseline: 1, or LoRA's share
     Column("wall_time_s", "Wall Time (s)", "time.total_s", decimals=0),
+    Column("peak_rss_gb", "Peak RSS (GB)", "memory.peak_rss_gb", decimals=1),
 )
 FE, MU = METRIC_COLUMNS[0].key, METRIC_COLUMNS[1].key
 
