@@ -130,8 +130,9 @@ def plot_sequential(runs: list[Run], path: Path) -> dict[str, dict[str, list[tup
         ax.set_ylabel(title)
         ax.set_title(f"{title} per round")
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # one legend for both panels, under them: configuration labels are long
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8)
     _save_figure(fig, path)
     return lines
 
