@@ -61,11 +61,12 @@ class EditState:
         return self._C[layer]
 
     def add_keys(self, keys: dict[int, Tensor]) -> None:
-        """Record a chunk's keys (m x n per layer) as past keys, updating the cached C_l in place."""
+        """Record a chunk's keys (m x n per layer) as past keys. C_l is rebuilt from all of them when next needed,
+        not updated in place: a sum in another order rounds differently, and C_l must be the same whether the run
+        got here in one process or resumed from disk (a few seconds per round at CPU scale)."""
         for layer, K in keys.items():
-            C = self.past_C(layer)  # built from the keys so far, before K joins them
             self.past_keys[layer] = torch.cat([self.past_keys[layer], K.to(self.past_keys[layer])], dim=1)
-            C.addmm_(K, K.T)
+            self._C.pop(layer, None)
 
     def save(self, directory: Path) -> None:
         """Tensors to state.safetensors, the rest to manifest.json, written atomically."""
