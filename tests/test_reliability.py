@@ -98,7 +98,7 @@ def test_results_key_sees_the_data_and_not_where_files_go():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "setting=sequential"])
         moved = compose("config", overrides=["experiment=smoke", "setting=sequential", "paths.cache_dir=/elsewhere",
-                                             "logger=none", "setting.fail_after_round=2"])
+                                             "logger=none", "setting.fail_after_round=2", "setting.save_model=false"])
         other_lr = compose("config", overrides=["experiment=smoke", "setting=sequential", "recipe.lr=0.5"])
     forget = [QA("u0", "Who wrote it?", "Ann", "A")]
     bench = Benchmark(name="tofu", forget=forget, retain_train=[], eval_splits={}, target_train=forget)

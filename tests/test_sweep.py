@@ -152,13 +152,15 @@ def test_a_stopped_sweep_resumes_where_it_left_off(tmp_path, data_dir):
     env = working_directory(tmp_path, data_dir)
     command = [str(Path(sys.executable).parent / "unierase"), "-m", *FAST, "reuse_results=true"]
 
-    def sweep(methods: str, name: str) -> Path:
-        done = subprocess.run(command + [f"method={methods}", f"hydra.sweep.dir=outputs/multiruns/{name}"],
+    def sweep(methods: str, name: str, *extra: str) -> Path:
+        done = subprocess.run(command + [f"method={methods}", f"hydra.sweep.dir=outputs/multiruns/{name}", *extra],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
         return tmp_path / "outputs" / "multiruns" / name
 
-    first = sweep("ga", "stopped")  # the sweep stopped after its first job
+    # The sweep stopped after its first job, which kept no model (setting.save_model is not part of the key).
+    first = sweep("ga", "stopped", "setting.save_model=false")
+    assert not (next(first.glob("*_ga")) / "model").exists()
     again = sweep("ga,ga_gd", "again")
     before = json.loads(next(first.glob("*/metrics.json")).read_text())
     reused, ran = (json.loads(next(again.glob(f"*_{m}/metrics.json")).read_text()) for m in ("ga", "ga_gd"))

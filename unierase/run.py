@@ -171,7 +171,7 @@ def stage_eval(job: Job) -> dict:
 STAGE_FUNCTIONS = {"finetune": stage_finetune, "unlearn": stage_unlearn, "eval": stage_eval}
 # Config nodes that never change a result: where files go, how progress is logged, how training is spread.
 NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags", "reuse_results")
-NOT_RESULT_SETTING_KEYS = ("fail_after_round", "reuse_unlearned")
+NOT_RESULT_SETTING_KEYS = ("fail_after_round", "reuse_unlearned", "save_model")
 
 
 def results_key(cfg: DictConfig, benchmark: Benchmark | None, ignored_setting: tuple[str, ...] = ()) -> str:

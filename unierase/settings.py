@@ -53,6 +53,9 @@ class SettingConfig:
     # re-scoring a sweep with another `eval` then costs no training. Off by default: the key holds the package
     # version, not uncommitted code edits.
     reuse_unlearned: bool = False
+    # batch, sequential: write the unlearned model to <run dir>/model (625 MB for SmolLM2-135M). A selection
+    # sweep that only reads the metrics turns it off; results do not depend on it.
+    save_model: bool = True
 
     def __post_init__(self) -> None:
         # Bounds that need the benchmark (item_ids < forget rows, rounds <= its rounds): unierase/validate.py.
@@ -84,8 +87,8 @@ def run_batch(method: Unlearner, model: PreTrainedModel, tokenizer: Any, benchma
             with atomic_dir(cached) as tmp:
                 save_model(model, tokenizer, tmp / "model")
                 atomic_write_json(tmp / "unlearn.json", metrics)
-    # Saved before evaluation, so a failing evaluation never loses it (`stage=eval` on it finishes the job).
-    save_model(model, tokenizer, ctx.run_dir / "model")
+    if cfg.save_model:  # before evaluation, so a failing evaluation never loses it (`stage=eval` on it finishes)
+        save_model(model, tokenizer, ctx.run_dir / "model")
     metrics.update(evaluate(model, tokenizer, {"forget": forget_like(benchmark.forget)}, ctx.run_dir / "eval"))
     return metrics
 
@@ -138,7 +141,8 @@ def run_sequential(method: Unlearner, model: PreTrainedModel, tokenizer: Any, be
         if cfg.fail_after_round == number:
             raise RuntimeError(f"setting.fail_after_round={number}: simulated failure")
     atomic_write_json(ctx.run_dir / "rounds.json", history)
-    save_model(model, tokenizer, ctx.run_dir / "model")
+    if cfg.save_model:
+        save_model(model, tokenizer, ctx.run_dir / "model")
     return {**history[-1], "rounds": history[-1]["round"]}
 
 
