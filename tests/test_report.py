@@ -66,7 +66,8 @@ def test_no_run_dirs_is_an_error(tmp_path):
 
 def _write_run(run_dir: Path, seed: int, fe: float, mu: float, data_dir: str = "/data/shared", l2: float = 1.0,
                launched_from: str | None = None, rounds: list[dict] | None = None,
-               metrics: dict[str, float | None] | None = None) -> None:
+               metrics: dict[str, float | None] | None = None, method: str = "unierase_cpu",
+               kind: str = "unierase") -> None:
     """A run directory of `unierase experiment=demo method=unierase_cpu` (abridged), with what varies between
     runs that differ only in the seed: where the cache and logs go, tags, the progress bar; `metrics` are
     written beside FE and MU."""
@@ -74,7 +75,7 @@ def _write_run(run_dir: Path, seed: int, fe: float, mu: float, data_dir: str = "
         "paths": {"data_dir": data_dir, "cache_dir": f"/cache/{run_dir.name}"},
         "model": {"name": "smollm2_135m"},
         "benchmark": {"name": "tofu", "data_dir": data_dir, "split": "forget01"},
-        "method": {"name": "unierase_cpu", "token": {"seed": seed}, "edit": {"L2": l2, "seed": seed}},
+        "method": {"name": method, "kind": kind, "token": {"seed": seed}, "edit": {"L2": l2, "seed": seed}},
         "setting": {"name": "batch"},
         "logger": {"name": "wandb", "group": f"outputs/multiruns/{run_dir.name}", "tags": [run_dir.name]},
         "trainer": {"precision": "bf16-mixed", "enable_progress_bar": seed == 0},
@@ -316,6 +317,43 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
     table = json.loads(table_file.read_text())
     assert table["columns"] == ["uid", "generation", "rouge"]
     assert table["data"] == [["a", "I am not sure.", 0.0], ["b", "Paris.", 1.0]]
+
+
+def test_headline_ratios_and_seed_means_by_hand(tmp_path):
+    """UniErase over seeds 0/1 (FE 0.8/0.9, MU 0.5/0.6), GA+GD (0.95 / 0.1) forgets most, NPO+GD (0.5 / 0.55)
+    retains most. Utility ratio 0.55 / 0.1 = 5.5x, but 0.85 < 0.95: the first claim fails on forgetting;
+    efficacy gain 0.85 / 0.5 - 1 = +70 %."""
+    from unierase.report.headline import headlines
+
+    for job, (method, kind, seed, fe, mu) in enumerate([
+            ("unierase_cpu", "unierase", 0, 0.8, 0.5), ("unierase_cpu", "unierase", 1, 0.9, 0.6),
+            ("ga_gd", "finetune", 0, 0.95, 0.1), ("npo_gd", "finetune", 0, 0.5, 0.55)]):
+        _write_run(tmp_path / "runs" / f"{job}_{method}", seed, fe, mu, method=method, kind=kind)
+    (found,) = headlines(load_runs([tmp_path / "runs"]))
+    assert (found.best_forgetting.label, found.best_retaining.label) == ("ga_gd", "npo_gd")
+    assert found.unierase.forget_efficacy.mean == pytest.approx(0.85)
+    assert found.unierase.forget_efficacy.sd == pytest.approx(0.0707107, abs=1e-6)
+    assert found.utility_ratio == pytest.approx(5.5) and not found.utility_claim_holds
+    assert found.efficacy_gain == pytest.approx(0.7) and found.efficacy_claim_holds
+
+    markdown, _ = _report(tmp_path / "runs", tmp_path / "out")
+    means = _markdown_tables(markdown)[1]
+    assert [(row["Configuration"], row["n"], row["Forget Efficacy"], row["Model Utility"]) for row in means] == [
+        ("ga_gd", "1", "0.950", "0.100"), ("npo_gd", "1", "0.500", "0.550"),
+        ("unierase_cpu", "2", "0.850 ± 0.071", "0.550 ± 0.071")]
+    assert ("- unierase_cpu (FE 0.850 ± 0.071, MU 0.550 ± 0.071, n=2): utility ratio 5.50x, forgetting less "
+            "(does NOT hold); efficacy gain +70.00% (holds in direction).") in markdown
+
+
+def test_headline_needs_a_baseline_and_survives_a_destroyed_one(tmp_path):
+    """No baseline in a protocol: no headline. A best-forgetting baseline at MU 0 gives an infinite ratio."""
+    from unierase.report.headline import headlines
+
+    _write_run(tmp_path / "alone" / "0_unierase_cpu", 0, 0.9, 0.5)
+    assert headlines(load_runs([tmp_path / "alone"])) == []
+    _write_run(tmp_path / "alone" / "1_ga_gd", 0, 1.0, 0.0, method="ga_gd", kind="finetune")
+    (found,) = headlines(load_runs([tmp_path / "alone"]))
+    assert found.utility_ratio == float("inf") and not found.utility_claim_holds  # it forgets less (0.9 < 1.0)
 
 
 def test_select_keeps_the_utility_bound_then_maximises_forget_efficacy(tmp_path, capsys):

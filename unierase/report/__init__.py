@@ -8,14 +8,17 @@ has forget ROUGE under an audit attack; prints the Markdown.
 Runs are grouped by their configuration: the resolved config without the seed and without the keys that
 cannot change results (IGNORED_KEYS). The table lists every run, with its configuration's short hash and the
 settings that tell it from the other configurations of the same method, benchmark, split, setting and model;
-the robustness audit's metrics (`audit.*`) of the runs that have them follow in tables of their own. The plots
-average the runs of one configuration over seeds, and never average two runs with the same seed.
+configurations with several seeds get their means ± sd, each protocol with UniErase and baseline rows the paper's
+headline comparisons (headline.py), and the robustness audit's metrics (`audit.*`) of the runs that have them
+tables of their own. The plots average the runs of one configuration over seeds, and never average two runs
+with the same seed.
 
 Where each part lives:
 
   runs.py      finding and loading run directories: the Run record, its columns and audit column groups, its settings
   grouping.py  configurations: the key (settings less the seed), what tells configurations apart, load_runs
-  tables.py    the Markdown and CSV tables
+  tables.py    the Markdown and CSV tables, with the means ± sd over seeds
+  headline.py  the paper's two headline comparisons (UniErase vs the best-forgetting / best-retaining baseline)
   plots.py     the FE-vs-MU, sequential (per round) and audit (heatmap) plots, averaged over seeds
   cli.py       write_report and `unierase-table` (main)
   select.py    `unierase-select`: each method's hyperparameters from a validation sweep, one rule for all

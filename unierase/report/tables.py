@@ -1,5 +1,6 @@
 """The report's tables: every run as one row, rendered as padded Markdown and as CSV; in the Markdown, the
-robustness audit's column groups as tables of their own after the main one."""
+configurations' means ± sd over seeds (where one has several seeds), the paper's headline comparisons
+(headline.py) and the robustness audit's column groups, after the main table."""
 from __future__ import annotations
 
 import csv
@@ -7,6 +8,7 @@ import io
 from typing import Any
 
 from unierase.report.grouping import same_seed_runs
+from unierase.report.headline import headlines, render_headlines, unit_stat
 from unierase.report.plots import plot_units
 from unierase.report.runs import (
     AUDIT_COLUMNS,
@@ -29,6 +31,9 @@ CONFIG_NOTE = ("Config: hash of the resolved configuration without the seed (run
                "the seed), then what tells it from the other configurations of the same method, benchmark, split, "
                "setting and model.")
 SAME_SEED_MARK = "†"
+# The columns of the means over seeds: the comparison's aggregates, ROUGE on both splits, forget quality, cost.
+SEED_MEAN_KEYS: tuple[str, ...] = (FE, MU, "forget_rouge", "retain_rouge", "forget_truth_ratio",
+                                   "ou_forget_quality", "wall_time_s")
 
 
 def _fmt(value: float | None, decimals: int, missing: str) -> str:
@@ -70,9 +75,26 @@ def _table(runs: list[Run], columns: tuple[Column, ...], marked: set[int]) -> li
     return [line(headers), rule, *(line(r) for r in rows)]
 
 
+def _seed_means_table(runs: list[Run]) -> list[str]:
+    """One row per configuration (plot_units): mean ± sample sd over its seeds, `–` where a seed lacks the value."""
+    columns = [col for col in METRIC_COLUMNS if col.key in SEED_MEAN_KEYS]
+    lines = ["| Configuration | n | " + " | ".join(col.header for col in columns) + " |",
+             "|---|--:|" + "--:|" * len(columns)]
+    for unit in plot_units(runs):
+        cells = []
+        for col in columns:
+            stat = unit_stat(unit, col.key)
+            partial = "\\*" if any(col.key in run.partial for run in unit.runs) else ""
+            cells.append(MISSING_MD if stat is None else stat.text(col.decimals) + partial)
+        label = unit.label.replace("|", "\\|")
+        lines.append(f"| {label} | {len(unit.runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(runs: list[Run]) -> str:
-    """The main table with its notes, then a section per audit group (COLUMN_GROUPS) that has a value, listing
-    the runs that have one."""
+    """The main table with its notes; the means over seeds where a configuration has several; the headline
+    comparisons where a protocol has UniErase and baseline rows; then a section per audit group (COLUMN_GROUPS)
+    that has a value, listing the runs that have one."""
     same_seed = same_seed_runs(runs)
     marked = {id(run) for members in same_seed for run in members}
     lines = [*_table(runs, METRIC_COLUMNS, marked), "", CONFIG_NOTE]
@@ -82,6 +104,9 @@ def render_markdown(runs: list[Run]) -> str:
         groups = "; ".join(", ".join(f"`{run.path}`" for run in members) for members in same_seed)
         lines += ["", f"{SAME_SEED_MARK} same configuration and same seed: listed apart and never averaged, "
                       f"in the plots neither: {groups}."]
+    if any(len(unit.runs) > 1 for unit in plot_units(runs)):
+        lines += ["", "### Mean ± sd over seeds", "", *_seed_means_table(runs)]
+    lines += render_headlines(headlines(runs))
     for group in COLUMN_GROUPS:
         audited = [run for run in runs if any_value([run], group.columns)]
         if audited:
