@@ -67,10 +67,11 @@ def test_no_run_dirs_is_an_error(tmp_path):
 def _write_run(run_dir: Path, seed: int, fe: float, mu: float, data_dir: str = "/data/shared", l2: float = 1.0,
                launched_from: str | None = None, rounds: list[dict] | None = None,
                metrics: dict[str, float | None] | None = None, method: str = "unierase_cpu",
-               kind: str = "unierase") -> None:
+               kind: str = "unierase", recipe_lr: float | None = None, overrides: list[str] | None = None) -> None:
     """A run directory of `unierase experiment=demo method=unierase_cpu` (abridged), with what varies between
     runs that differ only in the seed: where the cache and logs go, tags, the progress bar; `metrics` are
-    written beside FE and MU."""
+    written beside FE and MU; `recipe_lr` adds a baseline's recipe and its resolved copy under the method;
+    `overrides` is the command line Hydra records in `.hydra/overrides.yaml`."""
     config = {
         "paths": {"data_dir": data_dir, "cache_dir": f"/cache/{run_dir.name}"},
         "model": {"name": "smollm2_135m"},
@@ -83,14 +84,20 @@ def _write_run(run_dir: Path, seed: int, fe: float, mu: float, data_dir: str = "
         "target": {"seed": 0, "build_in_subprocess": seed == 0},  # a literal 0: not the run seed
         "optimized_metric": None,
     }
+    if recipe_lr is not None:
+        config["recipe"] = {"lr": recipe_lr, "epochs": 5}
+        config["method"]["recipe"] = dict(config["recipe"])
     run_dir.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(config), run_dir / "config_resolved.yaml")
     (run_dir / "metrics.json").write_text(json.dumps({"cl.forget_efficacy": fe, "cl.model_utility": mu,
                                                       **(metrics or {})}))
     if rounds is not None:
         (run_dir / "rounds.json").write_text(json.dumps(rounds))
+    if overrides is not None:
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
     if launched_from is not None:
-        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra").mkdir(exist_ok=True)
         OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"cwd": launched_from}}}),
                        run_dir / ".hydra" / "hydra.yaml")
 
@@ -378,3 +385,20 @@ def test_select_keeps_the_utility_bound_then_maximises_forget_efficacy(tmp_path,
                  "--out", str(tmp_path / "strict")])  # bound 0.44: nothing keeps it
     text = (tmp_path / "strict" / "unierase_cpu.yaml").read_text(encoding="utf-8")
     assert "NO configuration kept the bound" in text and "method.edit.L2=100.0  <- chosen" in text
+
+
+def test_select_writes_what_the_sweep_set_not_its_interpolated_copy(tmp_path):
+    """A baseline's `method.recipe: ${recipe}` resolves to a copy that varies with `recipe.lr`; the tuned file
+    sets only `recipe.lr`, the path the sweep's command line set, so later overrides still reach the method.
+    Trials are listed in numeric order of their settings (3e-5 before 1e-4)."""
+    from unierase.report.select import main as select_main
+
+    sweep = tmp_path / "validation"
+    for job, (lr, fe) in enumerate([(1.0e-4, 0.9), (3.0e-5, 0.5)]):
+        _write_run(sweep / f"{job}_ga_gd", 0, fe, 0.4, method="ga_gd", kind="finetune", recipe_lr=lr,
+                   overrides=[f"recipe.lr={lr}", "method=ga_gd", "experiment=cpu_tofu_validation"])
+    _write_run(tmp_path / "target_eval", 0, 0.0, 0.4)
+    select_main([str(sweep), "--reference", str(tmp_path / "target_eval"), "--out", str(tmp_path / "tuned")])
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "tuned" / "ga_gd.yaml")) == {"recipe": {"lr": 1.0e-4}}
+    text = (tmp_path / "tuned" / "ga_gd.yaml").read_text(encoding="utf-8")
+    assert text.index("recipe.lr=3e-05") < text.index("recipe.lr=0.0001  <- chosen")

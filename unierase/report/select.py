@@ -50,18 +50,41 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if len(present) == len(values) and present else None
 
 
+def _command_line_paths(run: Run) -> set[str] | None:
+    """The config paths the run's command line set (Hydra's `.hydra/overrides.yaml`); None without the file."""
+    overrides = run.path / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        return None
+    return {str(item).split("=", 1)[0].lstrip("+~") for item in OmegaConf.load(overrides)}
+
+
 def trials_of(runs: list[Run]) -> list[Trial]:
-    """A method's configurations; `settings` holds the paths whose value differs between them."""
+    """A method's configurations; `settings` holds the paths whose value differs between them.
+
+    Only paths the sweep set on the command line count where Hydra recorded them, so an interpolated copy
+    (a baseline's `method.recipe: ${recipe}`) is not written beside its source: a tuned file that set both would
+    freeze the copy, and a later `recipe.lr=...` on the command line would no longer reach the method."""
     following = seed_following(runs)
-    paths = sorted({path for run in runs for path in run.settings if path not in following})
-    varied = [path for path in paths if len({repr(run.settings.get(path)) for run in runs}) > 1]
+    paths = {path for run in runs for path in run.settings if path not in following}
+    command_lines = [_command_line_paths(run) for run in runs]
+    if all(found is not None for found in command_lines):
+        paths &= set().union(*command_lines)
+    varied = [path for path in sorted(paths) if len({repr(run.settings.get(path)) for run in runs}) > 1]
     by_config: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_config[run.config].append(run)
-    return [Trial(config, {path: members[0].settings.get(path) for path in varied},
-                  _mean([run.values["forget_efficacy"] for run in members]),
-                  _mean([run.values["model_utility"] for run in members]), tuple(members))
-            for config, members in sorted(by_config.items())]
+    trials = [Trial(config, {path: members[0].settings.get(path) for path in varied},
+                    _mean([run.values["forget_efficacy"] for run in members]),
+                    _mean([run.values["model_utility"] for run in members]), tuple(members))
+              for config, members in by_config.items()]
+    return sorted(trials, key=lambda trial: [_order(value) for value in trial.settings.values()])
+
+
+def _order(value: Any) -> tuple[int, float, str]:
+    """Numbers in numeric order, before anything else in text order."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return 0, float(value), ""
+    return 1, 0.0, repr(value)
 
 
 def select(runs: list[Run], reference_utility: float, ratio: float) -> list[Selection]:
@@ -95,7 +118,8 @@ def tuned_yaml(selection: Selection, sources: list[Path], reference: Path, refer
     header = [
         "# @package _global_",
         f"# {selection.method}: chosen by unierase-select on {', '.join(str(s) for s in sources)}",
-        f"# (reference: {reference}). Rule: {rule}.",
+        f"# reference (the target on the same protocol): {reference}",
+        f"# rule: {rule}.",
         f"# {len(selection.trials)} configurations, {sum(len(t.runs) for t in selection.trials)} runs. "
         + ("" if selection.feasible else "NO configuration kept the bound: this is the one with the highest utility."),
         "# trials (forget efficacy / model utility / seeds: settings):",
