@@ -85,6 +85,30 @@ def test_sequential_preset_defaults_to_the_ablations_winner_and_keeps_the_paper_
                                                                                                 "forget")
 
 
+def _leaves(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {path: value for key, child in node.items() for path, value in _leaves(child, f"{prefix}{key}.").items()}
+    return {prefix.removesuffix("."): node}
+
+
+@pytest.mark.parametrize("entry", group_entries("tuned"))
+def test_every_tuned_entry_reaches_its_method_on_the_table_protocol(entry):
+    """`unierase experiment=cpu_tofu_batch method=<m> tuned=<m>` (a row of docs/results/tofu_batch.md) runs with
+    every value unierase-select chose, and a baseline's method still reads the `recipe` group through its
+    interpolation, so a later `recipe.lr=...` override reaches the method."""
+    chosen = _leaves(OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "tuned" / f"{entry}.yaml")))
+    assert chosen, f"conf/tuned/{entry}.yaml sets nothing"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=cpu_tofu_batch", f"method={entry}", f"tuned={entry}"])
+        moved = compose("config", overrides=["experiment=cpu_tofu_batch", f"method={entry}", f"tuned={entry}",
+                                             "recipe.lr=0.123"])
+    validate_schemas(cfg)
+    for path, value in chosen.items():
+        assert OmegaConf.select(cfg, path) == value, path
+    if cfg.method.kind == "finetune":
+        assert moved.method.recipe.lr == 0.123
+
+
 def test_unknown_config_key_is_rejected():
     with pytest.raises(Exception, match="typo_key"):
         typed(OmegaConf.create({"name": "x", "typo_key": 1}), ModelConfig)
