@@ -278,6 +278,35 @@ def test_token_keys_protection_keeps_the_token_continuation(tiny, tiny_cfg):
                     identity_projectors(model))
 
 
+def test_retain_answer_keys_protection_keeps_the_answers_outputs(tiny, tiny_cfg):
+    """edit.protect=[retain_answer_keys]: the keys at every answer position of the retain questions (what an answer
+    is generated through; retain_keys reads only the key position) join C, and the update moves their outputs far
+    less than without them."""
+    model, tokenizer = tiny
+    token_id = with_token(model, tokenizer)
+    answers = [(q, tokenizer(a, add_special_tokens=False).input_ids)
+               for q, a in (("Who wrote the play Hamlet?", "William Shakespeare wrote it."),
+                            ("What is the capital of France?", "Paris is the capital."))]
+    layer = LAYERS[0]
+    changes, keys = {}, None
+    for protect in ([], ["retain_answer_keys"]):
+        edited = copy_model(model)
+        cfg = EditConfig(layers=LAYERS, key_position="last", v_steps=10, L2=1e-4, context_templates=TEMPLATES,
+                         protect=protect, protect_weight=100.0)
+        state = apply_edits(edited, tokenizer, requests(token_id, 2), cfg, tiny_cfg, identity_projectors(model),
+                            retain_answers=answers)
+        if protect:
+            keys = state.protect_keys[layer]
+            assert keys.shape == (model.config.intermediate_size, sum(len(ids) for _, ids in answers))
+        changes[bool(protect)] = state.delta[layer]
+    moved = {protected: float((delta @ keys.to(delta)).norm()) for protected, delta in changes.items()}
+    assert moved[True] < 0.2 * moved[False]
+    with pytest.raises(ValueError, match="retain_answer_keys, which needs retain answers"):
+        apply_edits(copy_model(model), tokenizer, requests(token_id, 1),
+                    EditConfig(layers=LAYERS, protect=["retain_answer_keys"], context_templates=TEMPLATES), tiny_cfg,
+                    identity_projectors(model))
+
+
 def test_subject_last_position_and_fallback(tiny, tiny_cfg):
     _, tokenizer = tiny
     cfg = EditConfig(layers=LAYERS, context_templates=TEMPLATES)

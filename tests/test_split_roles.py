@@ -141,11 +141,13 @@ def test_settings_declare_the_roles_of_the_splits_they_make(tiny, tiny_cfg, tmp_
 
 def test_sequential_protection_never_sees_the_scored_retain_split(data_dir, tiny, tiny_cfg, tmp_path, monkeypatch):
     """cpu_tofu_sequential: the target learns retain authors 0-3, the retain split scores 0-1, and UniErase's
-    edit.protect=[retain_keys] reads exactly authors 2-3, none of whose questions any split scores."""
+    edit.protect=[retain_keys] (and [retain_answer_keys], their answers) reads exactly authors 2-3, none of whose
+    questions any split scores."""
     from hydra import compose, initialize_config_dir
 
     import unierase.unierase as unierase_method
     from benchmarks.tofu import TofuConfig, load_tofu
+    from unierase.chat import turn_end_id
     from unierase.config import typed
     from unierase.run import CONFIG_DIR
 
@@ -160,7 +162,8 @@ def test_sequential_protection_never_sees_the_scored_retain_split(data_dir, tiny
 
     seen = {}
     monkeypatch.setattr(unierase_method, "apply_edits",
-                        lambda *args, retain, **kwargs: seen.setdefault("retain", retain))
+                        lambda *args, retain, retain_answers, **kwargs: seen.update(retain=retain,
+                                                                                   answers=retain_answers))
     monkeypatch.setattr(unierase_method, "first_token_rate", lambda *args: 1.0)
     method = unierase_method.UniErase(unierase_method.UniEraseConfig(learned_token=False))
     method.pool = ["I'm not sure."]
@@ -168,6 +171,9 @@ def test_sequential_protection_never_sees_the_scored_retain_split(data_dir, tiny
                      results_key="k")
     method.unlearn(None, tiny[1], benchmark.rounds[0], benchmark, ctx)
     assert seen["retain"] == [(qa.question, qa.subject) for qa in protected]
+    tokenizer = tiny[1]
+    assert seen["answers"] == [(qa.question, tokenizer(qa.answer, add_special_tokens=False).input_ids
+                                + [turn_end_id(tokenizer)]) for qa in protected]
 
 
 def test_validation_protocol_shares_no_author_with_the_table(data_dir):

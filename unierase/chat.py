@@ -89,6 +89,11 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False,
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
+def answer_ids(tokenizer: Any, answer: str) -> list[int]:
+    """An answer's tokens as the model is trained to produce them: the text, then one end-of-turn."""
+    return tokenizer(answer, add_special_tokens=False).input_ids + [turn_end_id(tokenizer)]
+
+
 def encode_qa(
     tokenizer: Any, question: str, answer: str, cfg: ModelConfig, max_length: int, pad: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -98,9 +103,9 @@ def encode_qa(
     to `max_length`; otherwise `pad_batch` pads each batch to its own longest example.
     """
     prompt_ids = tokenizer(chat_prompt(tokenizer, question, cfg), add_special_tokens=False).input_ids
-    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [turn_end_id(tokenizer)]
-    input_ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    answer = answer_ids(tokenizer, answer)
+    input_ids = (prompt_ids + answer)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer)[:max_length]
     pad = max_length - len(input_ids) if pad else 0
     return {
         "input_ids": torch.tensor(input_ids + [tokenizer.pad_token_id] * pad),

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from unierase.chat import chat_prompt, turn_end_id
+from unierase.chat import answer_ids, chat_prompt, turn_end_id
 from unierase.config import ConfigError, check
 from unierase.context import RunContext
 from unierase.edit import (
@@ -161,11 +161,13 @@ class UniErase(Unlearner):
     def unlearn(self, model: PreTrainedModel, tokenizer: Any, request: list[QA], benchmark: Benchmark,
                 ctx: RunContext) -> PreTrainedModel:
         start = time.perf_counter()
-        retain = [(qa.question, qa.subject) for qa in benchmark.unscored_retain()]
+        unscored = benchmark.unscored_retain()
+        retain = [(qa.question, qa.subject) for qa in unscored]
+        retain_answers = [(qa.question, answer_ids(tokenizer, qa.answer)) for qa in unscored]
         edits = self.requests(tokenizer, request)
         self.state = apply_edits(model, tokenizer, edits, self.cfg.edit, ctx.model_cfg,
                                  self.projectors, self.state, retain=retain, token_texts=self.token_texts(tokenizer),
-                                 covariances=self.covariances)
+                                 covariances=self.covariances, retain_answers=retain_answers)
         self.timings["time.edit_s"] = self.timings.get("time.edit_s", 0.0) + time.perf_counter() - start
         self.first_token_rate = first_token_rate(model, tokenizer, edits, ctx.model_cfg)
         return model

@@ -257,10 +257,11 @@ def _check_method_data(checked: CheckedJob) -> None:
         if method.token.output_anchors > retain:
             raise ConfigError("method.token.output_anchors", f"must be <= {retain} (the benchmark's retain pairs, "
                               f"its anchors), got {method.token.output_anchors}")
-        if "retain_keys" in method.edit.protect and not benchmark.unscored_retain():
-            raise ConfigError("method.edit.protect", f"lists retain_keys, but benchmark {benchmark.name} has no retain "
-                              "pairs outside the evaluated splits (TOFU: benchmark.scored_retain_authors below "
-                              "benchmark.retain_authors)")
+        retain_kinds = [kind for kind in ("retain_keys", "retain_answer_keys") if kind in method.edit.protect]
+        if retain_kinds and not benchmark.unscored_retain():
+            raise ConfigError("method.edit.protect", f"lists {retain_kinds[0]}, but benchmark {benchmark.name} has no "
+                              "retain pairs outside the evaluated splits (TOFU: benchmark.scored_retain_authors "
+                              "below benchmark.retain_authors)")
         if method.token.train_on == "generic" and not benchmark.generic_questions:
             raise ConfigError("method.token.train_on", f"is generic, but benchmark {benchmark.name} has no generic "
                               "questions (custom: the retain and neighbour questions)")

@@ -62,10 +62,15 @@ def check_target(request: EditRequest, vocab_size: int) -> None:
 
 
 def protected_keys(run: EditRun, kinds: Sequence[str], retain: Sequence[tuple[str, str | None]] | None,
+                   retain_answers: Sequence[tuple[str, Sequence[int]]] | None,
                    token_texts: Sequence[tuple[str, Sequence[int]]] | None) -> dict[int, Tensor]:
     """The keys of every kind in `kinds`, side by side (m x n_protected per layer)."""
-    parts = [request_keys(run, list(retain), run.cfg.layers)[0] if kind == "retain_keys"
-             else continuation_keys(run, list(token_texts), run.cfg.layers) for kind in kinds]
+    readers = {
+        "retain_keys": lambda: request_keys(run, list(retain), run.cfg.layers)[0],
+        "retain_answer_keys": lambda: continuation_keys(run, list(retain_answers), run.cfg.layers),
+        "token_keys": lambda: continuation_keys(run, list(token_texts), run.cfg.layers),
+    }
+    parts = [readers[kind]() for kind in kinds]
     return {layer: torch.cat([part[layer] for part in parts], dim=1) for layer in run.cfg.layers}
 
 
@@ -75,10 +80,12 @@ def apply_edits(
     retain: Sequence[tuple[str, str | None]] | None = None,
     token_texts: Sequence[tuple[str, Sequence[int]]] | None = None,
     covariances: dict[int, Tensor] | None = None,
+    retain_answers: Sequence[tuple[str, Sequence[int]]] | None = None,
 ) -> EditState:
     """Edit `model` in place for every request not yet in `state.done`; returns the (updated) state.
 
     `retain` (question, subject) pairs, retain questions no evaluation scores, feed edit.protect=[retain_keys];
+    `retain_answers` (question, answer + turn-end ids) of the same questions feed edit.protect=[retain_answer_keys];
     `token_texts` (question, token + refusal + token ids) pairs, Stage A's training texts, feed
     edit.protect=[token_keys]. `covariances` (C0 per layer, the statistics P is built from) feed
     edit.covariance_weight.
@@ -90,7 +97,8 @@ def apply_edits(
     vocab_size = model.get_output_embeddings().weight.shape[0]
     for request in requests:
         check_target(request, vocab_size)
-    needs = {"retain_keys": ("retain questions", retain), "token_keys": ("the token's training texts", token_texts)}
+    needs = {"retain_keys": ("retain questions", retain), "retain_answer_keys": ("retain answers", retain_answers),
+             "token_keys": ("the token's training texts", token_texts)}
     if cfg.covariance_weight and not all(layer in (covariances or {}) for layer in cfg.layers):
         raise ValueError(f"edit.covariance_weight={cfg.covariance_weight} needs C0 of every edited layer {cfg.layers}")
     for kind in cfg.protect:
@@ -111,7 +119,7 @@ def apply_edits(
                                        else generate_context_templates(model, tokenizer, cfg.seed))
         run = EditRun.create(model, tokenizer, cfg, model_cfg, projectors, state.context_templates, covariances)
         if cfg.protect and not state.protect_keys:  # read once, on the model before any edit
-            state.protect_keys = protected_keys(run, cfg.protect, retain, token_texts)
+            state.protect_keys = protected_keys(run, cfg.protect, retain, retain_answers, token_texts)
             state._C.clear()
         done = set(state.done)
         pending = [r for r in requests if r.uid not in done]

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from unierase.config import ConfigError, check
 
-PROTECTED_KEYS = ("retain_keys", "token_keys")
+PROTECTED_KEYS = ("retain_keys", "retain_answer_keys", "token_keys")
 
 
 @dataclass
@@ -34,7 +34,9 @@ class EditConfig:
     mom2_chunk_tokens: int = 1024
     mom2_batch_size: int = 4
     # Keys every update must leave alone besides the past requests' (C), any of: retain_keys, the keys of the
-    # benchmark's retain questions that no evaluation split scores; token_keys, the keys at the unlearning token
+    # benchmark's retain questions that no evaluation split scores (at the edit's key position);
+    # retain_answer_keys, the keys at every answer token of those same questions (the positions an answer is
+    # generated through, which retain_keys never reads; issue #24); token_keys, the keys at the unlearning token
     # and its refusal in Stage A's own training texts, so the edit does not undo the token's "U -> refusal"
     # behaviour (docs/algorithm.md, "Departures from the paper"). Empty: the paper.
     protect: list[str] = field(default_factory=list)
