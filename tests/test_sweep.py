@@ -164,8 +164,14 @@ def test_a_stopped_sweep_resumes_where_it_left_off(tmp_path, data_dir):
     again = sweep("ga,ga_gd", "again")
     before = json.loads(next(first.glob("*/metrics.json")).read_text())
     reused, ran = (json.loads(next(again.glob(f"*_{m}/metrics.json")).read_text()) for m in ("ga", "ga_gd"))
-    assert Path(reused.pop("reused_from")).parent == first
+    reused_from = reused.pop("reused_from")
+    assert Path(reused_from).parent == first
     assert reused == before  # metrics as the finished job wrote them, its wall time included
     assert "reused_from" not in ran and ran["cl.forget.rouge"] is not None
     assert (next(again.glob("*_ga")) / "eval" / "knowledge.forget.jsonl").is_file()
     assert not (next(again.glob("*_ga")) / "model").exists()  # results are copied, the model is not
+    # The same command again, in the same sweep directory (how a stopped sweep is resumed): every job finished
+    # there already, and keeps its files and metrics.
+    sweep("ga,ga_gd", "again")
+    assert [json.loads(next(again.glob(f"*_{m}/metrics.json")).read_text()) for m in ("ga", "ga_gd")] == [
+        reused | {"reused_from": reused_from}, ran]

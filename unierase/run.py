@@ -215,13 +215,17 @@ def reuse_finished(cache_dir: Path, key: str, run_dir: Path) -> dict | None:
     source = Path(json.loads(record.read_text())["run_dir"])
     if not (source / "metrics.json").is_file():
         return None
+    metrics = json.loads((source / "metrics.json").read_text())
+    if source.resolve() == run_dir.resolve():  # the same sweep command run again: this job finished here
+        log.info("job already finished in %s (results key %s)", run_dir, key)
+        return metrics
     log.info("reusing the finished job %s (same results key %s)", source, key)
     for name in REUSED_FILES:
         if (source / name).is_dir():
             shutil.copytree(source / name, run_dir / name, dirs_exist_ok=True)
         elif (source / name).is_file():
             shutil.copy2(source / name, run_dir / name)
-    return json.loads((source / "metrics.json").read_text()) | {"reused_from": str(source)}
+    return metrics | {"reused_from": str(source)}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
