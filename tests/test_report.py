@@ -381,6 +381,10 @@ def test_select_keeps_the_utility_bound_then_maximises_forget_efficacy(tmp_path,
     assert "0.7000 / 0.3800 / 2: method.edit.L2=10.0  <- chosen" in text
     assert "0.9000 / 0.3000 / 2: method.edit.L2=1.0\n" in text and "3 configurations, 5 runs" in text
 
+    with pytest.raises(SystemExit):
+        select_main([str(sweep), "--reference", str(tmp_path / "missing"), "--out", str(tmp_path / "tuned")])
+    err = capsys.readouterr().err
+    assert f"--reference {tmp_path / 'missing'} is not a run directory" in err
     select_main([str(sweep), "--reference", str(tmp_path / "target_eval"), "--min-utility-ratio", "1.1",
                  "--out", str(tmp_path / "strict")])  # bound 0.44: nothing keeps it
     text = (tmp_path / "strict" / "unierase_cpu.yaml").read_text(encoding="utf-8")

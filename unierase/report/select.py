@@ -120,8 +120,8 @@ def tuned_yaml(selection: Selection, sources: list[Path], reference: Path, refer
         f"# {selection.method}: chosen by unierase-select on {', '.join(str(s) for s in sources)}",
         f"# reference (the target on the same protocol): {reference}",
         f"# rule: {rule}.",
-        f"# {len(selection.trials)} configurations, {sum(len(t.runs) for t in selection.trials)} runs. "
-        + ("" if selection.feasible else "NO configuration kept the bound: this is the one with the highest utility."),
+        f"# {len(selection.trials)} configurations, {sum(len(t.runs) for t in selection.trials)} runs."
+        + ("" if selection.feasible else " NO configuration kept the bound: this is the one with the highest utility."),
         "# trials (forget efficacy / model utility / seeds: settings):",
     ]
     for trial in selection.trials:
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-utility-ratio", type=float, default=0.9)
     parser.add_argument("--out", type=Path, required=True, help="where <method>.yaml goes (e.g. conf/tuned)")
     args = parser.parse_args(argv)
+    if not ((args.reference / "metrics.json").is_file() and (args.reference / "config_resolved.yaml").is_file()):
+        parser.error(f"--reference {args.reference} is not a run directory (metrics.json + config_resolved.yaml)")
     reference_utility = load_run(args.reference).values["model_utility"]
     if reference_utility is None:
         parser.error(f"{args.reference} has no model utility (cl.model_utility or its partial form)")
