@@ -175,3 +175,22 @@ def test_a_stopped_sweep_resumes_where_it_left_off(tmp_path, data_dir):
     sweep("ga,ga_gd", "again")
     assert [json.loads(next(again.glob(f"*_{m}/metrics.json")).read_text()) for m in ("ga", "ga_gd")] == [
         reused | {"reused_from": reused_from}, ran]
+
+
+def test_a_job_directory_that_now_holds_another_job_is_not_reused(tmp_path):
+    """A results record points at a run directory; it is reused only while that directory's results_key file
+    names the same key (a sweep re-run with another grid writes another configuration into 0_<method>)."""
+    from unierase.run import RESULTS_KEY_FILE, finished_record, reuse_finished
+
+    cache, source, here = tmp_path / "cache", tmp_path / "sweep" / "0_ga", tmp_path / "again" / "0_ga"
+    source.mkdir(parents=True)
+    here.mkdir(parents=True)
+    (source / "metrics.json").write_text(json.dumps({"cl.forget.rouge": 0.5}))
+    finished_record(cache, "key-a").parent.mkdir(parents=True)
+    finished_record(cache, "key-a").write_text(json.dumps({"run_dir": str(source)}))
+    assert reuse_finished(cache, "key-a", here) is None  # no key file: nothing says whose metrics these are
+    (source / RESULTS_KEY_FILE).write_text("key-b\n")
+    assert reuse_finished(cache, "key-a", here) is None  # the directory now holds key-b's job
+    (source / RESULTS_KEY_FILE).write_text("key-a\n")
+    assert reuse_finished(cache, "key-a", here) == {"cl.forget.rouge": 0.5, "reused_from": str(source)}
+    assert reuse_finished(cache, "key-a", source) == {"cl.forget.rouge": 0.5}  # the same job, in its own directory

@@ -28,7 +28,7 @@ from unierase.evaluation.aggregate import read_forget_truth_ratios
 from unierase.evaluation.audit import AuditReferences, reference_audit, run_audit
 from unierase.evaluation.knowledge import evaluate_knowledge
 from unierase.evaluation.utility import evaluate_utility
-from unierase.io import atomic_dir, atomic_write_json, stable_hash
+from unierase.io import atomic_dir, atomic_write_json, atomic_write_text, stable_hash
 from unierase.loggers import finish, log_metrics, make_loggers
 from unierase.models import base_identity, load_model
 from unierase.objective import ObjectiveConstraint, objective_value
@@ -206,14 +206,21 @@ def finished_record(cache_dir: Path, key: str) -> Path:
     return cache_dir / "results" / f"{key}.json"
 
 
+RESULTS_KEY_FILE = "results_key"  # in a finished unlearn job's run directory: the key its metrics answer
+
+
 def reuse_finished(cache_dir: Path, key: str, run_dir: Path) -> dict | None:
     """A finished job with the same results key: its result files copied into `run_dir` and its metrics
-    (with `reused_from`); None when there is none or its run directory is gone."""
+    (with `reused_from`); None when there is none, its run directory is gone, or the directory now holds another
+    job's results (a sweep re-run with another grid numbers its job directories anew)."""
     record = finished_record(cache_dir, key)
     if not record.is_file():
         return None
     source = Path(json.loads(record.read_text())["run_dir"])
     if not (source / "metrics.json").is_file():
+        return None
+    stored = source / RESULTS_KEY_FILE
+    if not stored.is_file() or stored.read_text().strip() != key:
         return None
     metrics = json.loads((source / "metrics.json").read_text())
     if source.resolve() == run_dir.resolve():  # the same sweep command run again: this job finished here
@@ -243,6 +250,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                      loggers=make_loggers(cfg, run_dir))
     result = reuse_finished(ctx.cache_dir, ctx.results_key, run_dir) if unlearn and cfg.reuse_results else None
     if result is None:
+        (run_dir / RESULTS_KEY_FILE).unlink(missing_ok=True)  # this directory no longer holds that job's results
         targets = Targets(checked.target, model_cfg, trainer_cfg, ctx.cache_dir, base_identity(model_cfg, ctx.seed),
                           ctx.seed)
         start = time.perf_counter()
@@ -252,6 +260,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                    "memory.peak_rss_gb": max(peak_rss_gb(), targets.build_peak_rss_gb),
                    "memory.build_peak_rss_gb": targets.build_peak_rss_gb}
     atomic_write_json(run_dir / "metrics.json", result)
+    if unlearn:
+        atomic_write_text(run_dir / RESULTS_KEY_FILE, ctx.results_key + "\n")
     if unlearn and "reused_from" not in result:
         atomic_write_json(finished_record(ctx.cache_dir, ctx.results_key), {"run_dir": str(run_dir.resolve())})
     finish(ctx.loggers, result, run_dir)
