@@ -71,18 +71,20 @@ def test_model_configs_validate_against_schema():
 
 def test_sequential_preset_defaults_to_the_ablations_winner_and_keeps_the_paper_method():
     """cpu_tofu_sequential runs unierase_sequential, the configuration the 10-round ablation measured as
-    `method=unierase_cpu` + three overrides (docs/results/tofu_sequential.md): equal but for the name.
+    candidate E, `method=unierase_cpu` + four overrides (docs/results/tofu_sequential.md): equal but for the name.
     method=unierase on the same preset is still the paper's edit (projector, forget-trained token)."""
-    ablation_c = ["method=unierase_cpu", "method.token.train_on=generic", "method.generic_questions=40",
-                  "method.edit.nullspace_mode=none", "method.edit.covariance_weight=100"]
+    ablation_e = ["method=unierase_cpu", "method.token.train_on=generic", "method.generic_questions=40",
+                  "method.edit.nullspace_mode=none", "method.edit.covariance_weight=100",
+                  "method.edit.protect=[token_keys,retain_answer_keys]"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         default = compose("config", overrides=["experiment=cpu_tofu_sequential"]).method
-        measured = compose("config", overrides=["experiment=cpu_tofu_sequential", *ablation_c]).method
+        measured = compose("config", overrides=["experiment=cpu_tofu_sequential", *ablation_e]).method
         paper = compose("config", overrides=["experiment=cpu_tofu_sequential", "method=unierase"]).method
     assert default.name == "unierase_sequential"
     assert {**OmegaConf.to_container(default), "name": "unierase_cpu"} == OmegaConf.to_container(measured)
     assert (paper.edit.nullspace_mode, paper.edit.covariance_weight, paper.token.train_on) == ("absolute", 0.0,
                                                                                                 "forget")
+    assert "retain_answer_keys" not in paper.edit.protect
 
 
 def _leaves(node, prefix: str = "") -> dict:

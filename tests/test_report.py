@@ -406,3 +406,16 @@ def test_select_writes_what_the_sweep_set_not_its_interpolated_copy(tmp_path):
     assert OmegaConf.to_container(OmegaConf.load(tmp_path / "tuned" / "ga_gd.yaml")) == {"recipe": {"lr": 1.0e-4}}
     text = (tmp_path / "tuned" / "ga_gd.yaml").read_text(encoding="utf-8")
     assert text.index("recipe.lr=3e-05") < text.index("recipe.lr=0.0001  <- chosen")
+
+
+def test_csv_names_run_directories_relative_to_where_the_table_is_made(tmp_path, monkeypatch):
+    """A table regenerated from another checkout (same relative sweep paths) is byte for byte the committed one."""
+    tables = []
+    for checkout in ("first", "second"):
+        root = tmp_path / checkout
+        _write_run(root / "outputs" / "multiruns" / "t" / "0_ga_gd", 0, 0.8, 0.4)
+        monkeypatch.chdir(root)
+        main(["outputs/multiruns/t", "--out", "docs", "--name", "t"])
+        tables.append((root / "docs" / "t.csv").read_text(encoding="utf-8"))
+    assert tables[0] == tables[1]
+    assert next(csv.DictReader(tables[0].splitlines()))["run_dir"] == "outputs/multiruns/t/0_ga_gd"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Any
 
 from unierase.report.grouping import same_seed_runs
@@ -115,6 +116,15 @@ def render_markdown(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shown_path(path: Path) -> str:
+    """A run directory as the CSVs name it: relative to the working directory when under it, so the committed
+    tables regenerate byte for byte from another checkout."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def render_csv(runs: list[Run]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -131,7 +141,7 @@ def render_csv(runs: list[Run]) -> str:
         writer.writerow([_id_text(run.ids[k], "") for k, _ in ID_COLUMNS]
                         + [_fmt(run.values[c.key], c.decimals, "") for c in columns]
                         + [str(FE in run.partial).lower(), str(MU in run.partial).lower(), run.config, diff,
-                           str(id(run) in marked).lower(), str(run.path)])
+                           str(id(run) in marked).lower(), shown_path(run.path)])
     return buffer.getvalue()
 
 
@@ -155,5 +165,5 @@ def render_rounds_csv(runs: list[Run]) -> str:
             for entry in run.rounds:
                 values = [entry.get(key) for key, _ in ROUND_COLUMNS]
                 writer.writerow([unit.label, _id_text(run.ids["seed"], ""), entry["round"],
-                                 *("" if v is None else f"{v:.4f}" for v in values), str(run.path)])
+                                 *("" if v is None else f"{v:.4f}" for v in values), shown_path(run.path)])
     return buffer.getvalue()
