@@ -98,11 +98,14 @@ def test_results_key_sees_the_data_and_not_where_files_go():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "setting=sequential"])
         moved = compose("config", overrides=["experiment=smoke", "setting=sequential", "paths.cache_dir=/elsewhere",
-                                             "logger=none", "setting.fail_after_round=2", "setting.save_model=false"])
+                                             "logger=none", "setting.fail_after_round=2", "setting.save_model=false",
+                                             "trainer.log_every_n_steps=50"])
         other_lr = compose("config", overrides=["experiment=smoke", "setting=sequential", "recipe.lr=0.5"])
+        fp32 = compose("config", overrides=["experiment=smoke", "setting=sequential", "trainer.precision=32-true"])
     forget = [QA("u0", "Who wrote it?", "Ann", "A")]
     bench = Benchmark(name="tofu", forget=forget, retain_train=[], eval_splits={}, target_train=forget)
     other_data = replace(bench, forget=[QA("u0", "Who wrote it?", "Bob", "A")])
     assert results_key(cfg, bench) == results_key(moved, bench)
     assert results_key(cfg, bench) != results_key(cfg, other_data)  # another data folder: another job
     assert results_key(cfg, bench) != results_key(other_lr, bench)
+    assert results_key(cfg, bench) != results_key(fp32, bench)  # training in another precision: another job

@@ -408,6 +408,40 @@ def test_select_writes_what_the_sweep_set_not_its_interpolated_copy(tmp_path):
     assert text.index("recipe.lr=3e-05") < text.index("recipe.lr=0.0001  <- chosen")
 
 
+def test_select_writes_the_values_under_a_swept_config_group(tmp_path):
+    """`recipe=cpu,slow` sweeps a config group: the recorded override is `recipe`, and the tuned file sets what
+    differs under it (recipe.lr), still not the method's interpolated copy."""
+    from unierase.report.select import main as select_main
+
+    sweep = tmp_path / "validation"
+    for job, (group, lr, fe) in enumerate([("cpu", 1.0e-4, 0.9), ("slow", 1.0e-5, 0.5)]):
+        _write_run(sweep / f"{job}_ga_gd", 0, fe, 0.4, method="ga_gd", kind="finetune", recipe_lr=lr,
+                   overrides=[f"recipe={group}", "method=ga_gd"])
+    _write_run(tmp_path / "target_eval", 0, 0.0, 0.4)
+    select_main([str(sweep), "--reference", str(tmp_path / "target_eval"), "--out", str(tmp_path / "tuned")])
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "tuned" / "ga_gd.yaml")) == {"recipe": {"lr": 1.0e-4}}
+
+
+def test_select_refuses_another_protocol_and_a_trial_counted_twice(tmp_path, capsys):
+    """A run scored on other data than the reference is not a trial of this selection; the same configuration and
+    seed in two sweep directories (a reused copy) would count as two seeds. Both are one clear error."""
+    from unierase.report.select import main as select_main
+
+    _write_run(tmp_path / "target_eval", 0, 0.0, 0.4)
+    _write_run(tmp_path / "mixed" / "0_unierase_cpu", 0, 0.9, 0.4)
+    _write_run(tmp_path / "mixed" / "1_unierase_cpu", 0, 0.9, 0.4, data_dir="/other/data", l2=10.0)
+    with pytest.raises(SystemExit):
+        select_main([str(tmp_path / "mixed"), "--reference", str(tmp_path / "target_eval"), "--out", str(tmp_path)])
+    assert "not scored on the reference's protocol" in capsys.readouterr().err
+
+    _write_run(tmp_path / "first" / "0_unierase_cpu", 0, 0.9, 0.4)
+    _write_run(tmp_path / "second" / "0_unierase_cpu", 0, 0.9, 0.4)
+    with pytest.raises(SystemExit, match="same configuration and seed"):
+        select_main([str(tmp_path / "first"), str(tmp_path / "second"), "--reference", str(tmp_path / "target_eval"),
+                     "--out", str(tmp_path / "tuned")])
+    assert not (tmp_path / "tuned").exists()
+
+
 def test_csv_names_run_directories_relative_to_where_the_table_is_made(tmp_path, monkeypatch):
     """A table regenerated from another checkout (same relative sweep paths) is byte for byte the committed one."""
     tables = []

@@ -194,3 +194,15 @@ def test_a_job_directory_that_now_holds_another_job_is_not_reused(tmp_path):
     (source / RESULTS_KEY_FILE).write_text("key-a\n")
     assert reuse_finished(cache, "key-a", here) == {"cl.forget.rouge": 0.5, "reused_from": str(source)}
     assert reuse_finished(cache, "key-a", source) == {"cl.forget.rouge": 0.5}  # the same job, in its own directory
+
+
+def test_a_job_about_to_run_clears_the_results_an_earlier_job_left_in_its_directory(tmp_path):
+    """While a job runs, or after it fails, its directory must not show another job's metrics to unierase-table."""
+    from unierase.run import RESULTS_KEY_FILE, clear_results
+
+    for name in ("metrics.json", "rounds.json", "precise.json", RESULTS_KEY_FILE, "eval/round_01/forget.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    clear_results(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "eval/round_01/forget.json"]

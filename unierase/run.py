@@ -169,8 +169,10 @@ def stage_eval(job: Job) -> dict:
 
 
 STAGE_FUNCTIONS = {"finetune": stage_finetune, "unlearn": stage_unlearn, "eval": stage_eval}
-# Config nodes that never change a result: where files go, how progress is logged, how training is spread.
-NOT_RESULT_KEYS = ("hydra", "paths", "logger", "trainer", "tags", "reuse_results")
+# Config nodes that never change a result: where files go and how progress is logged. The trainer's precision,
+# clipping and devices do change one.
+NOT_RESULT_KEYS = ("hydra", "paths", "logger", "tags", "reuse_results")
+NOT_RESULT_TRAINER_KEYS = ("enable_progress_bar", "log_every_n_steps")
 NOT_RESULT_SETTING_KEYS = ("fail_after_round", "reuse_unlearned", "save_model")
 
 
@@ -181,19 +183,21 @@ def results_key(cfg: DictConfig, benchmark: Benchmark | None, ignored_setting: t
     relevant = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in NOT_RESULT_KEYS}
     ignored = (*NOT_RESULT_SETTING_KEYS, *ignored_setting)
     relevant["setting"] = {k: v for k, v in relevant["setting"].items() if k not in ignored}
+    relevant["trainer"] = {k: v for k, v in relevant["trainer"].items() if k not in NOT_RESULT_TRAINER_KEYS}
     data = None if benchmark is None else stable_hash(asdict(benchmark), 32)
     return stable_hash({"config": relevant, "data": data, "version": version("unierase")})
 
 
 def unlearned_key(cfg: DictConfig, benchmark: Benchmark, target_id: str) -> str:
     """Hash of what determines a batch job's unlearned model (`setting.reuse_unlearned`): the method, recipe,
-    setting and seed, the target model's identity, every benchmark record a method may read (not the
+    setting, trainer and seed, the target model's identity, every benchmark record a method may read (not the
     evaluation-only `eval_splits` and `holdout`) and the code version; not the evaluation config."""
     container = OmegaConf.to_container(cfg, resolve=True)
     setting = {k: v for k, v in container["setting"].items() if k not in NOT_RESULT_SETTING_KEYS}
     rows = {k: v for k, v in asdict(benchmark).items() if k not in ("eval_splits", "holdout")}
+    trainer = {k: v for k, v in container["trainer"].items() if k not in NOT_RESULT_TRAINER_KEYS}
     return stable_hash({"method": container["method"], "recipe": container["recipe"], "setting": setting,
-                        "seed": cfg.seed, "target": target_id, "rows": stable_hash(rows, 32),
+                        "trainer": trainer, "seed": cfg.seed, "target": target_id, "rows": stable_hash(rows, 32),
                         "version": version("unierase")})
 
 
@@ -207,6 +211,14 @@ def finished_record(cache_dir: Path, key: str) -> Path:
 
 
 RESULTS_KEY_FILE = "results_key"  # in a finished unlearn job's run directory: the key its metrics answer
+
+
+def clear_results(run_dir: Path) -> None:
+    """Remove an earlier job's results from a directory a job is about to run in (a sweep re-run with another grid
+    numbers its jobs anew), so that while it runs, or if it fails, no table reads them as this job's. Per-example
+    `eval/` files stay: a resumed sequential run keeps its earlier rounds' there, and a new job overwrites them."""
+    for name in (RESULTS_KEY_FILE, "metrics.json", "rounds.json", "precise.json"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def reuse_finished(cache_dir: Path, key: str, run_dir: Path) -> dict | None:
@@ -250,7 +262,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                      loggers=make_loggers(cfg, run_dir))
     result = reuse_finished(ctx.cache_dir, ctx.results_key, run_dir) if unlearn and cfg.reuse_results else None
     if result is None:
-        (run_dir / RESULTS_KEY_FILE).unlink(missing_ok=True)  # this directory no longer holds that job's results
+        clear_results(run_dir)
         targets = Targets(checked.target, model_cfg, trainer_cfg, ctx.cache_dir, base_identity(model_cfg, ctx.seed),
                           ctx.seed)
         start = time.perf_counter()

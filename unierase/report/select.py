@@ -7,6 +7,8 @@ validation protocol: a `stage=eval` run), and take the one with the highest forg
 utility). When none is feasible, the one with the highest utility is taken and the file says so. `<out>/<method>.yaml`
 holds the settings the sweep varied, at the chosen values, under a header listing every trial, so a table's rows
 say where their hyperparameters came from: `unierase experiment=cpu_tofu_batch method=ga_gd tuned=ga_gd`.
+Every run must share the reference's protocol (its benchmark, evaluation and target settings), and no two runs may
+be the same configuration and seed (a reused copy in a second sweep directory would count twice).
 """
 from __future__ import annotations
 
@@ -50,30 +52,55 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if len(present) == len(values) and present else None
 
 
-def _command_line_paths(run: Run) -> set[str] | None:
-    """The config paths the run's command line set (Hydra's `.hydra/overrides.yaml`); None without the file."""
+# Settings that define the validation protocol: a trial scored under other ones is not comparable with the reference.
+PROTOCOL_PREFIXES = ("benchmark.", "eval.", "target.")
+
+
+def protocol_differences(run: Run, reference: Run) -> list[str]:
+    """The protocol settings in which `run` differs from `reference`, as `path: run value vs reference value`."""
+    paths = {path for path in (*run.settings, *reference.settings) if path.startswith(PROTOCOL_PREFIXES)}
+    return [f"{path}: {run.settings.get(path)!r} vs {reference.settings.get(path)!r}" for path in sorted(paths)
+            if run.settings.get(path) != reference.settings.get(path)]
+
+
+def _command_line(run: Run) -> dict[str, str] | None:
+    """The run's command-line overrides (Hydra's `.hydra/overrides.yaml`), path -> value; None without the file."""
     overrides = run.path / ".hydra" / "overrides.yaml"
     if not overrides.is_file():
         return None
-    return {str(item).split("=", 1)[0].lstrip("+~") for item in OmegaConf.load(overrides)}
+    pairs = (str(item).split("=", 1) for item in OmegaConf.load(overrides))
+    return {pair[0].lstrip("+~"): pair[-1] for pair in pairs}
+
+
+def _swept(path: str, swept_paths: set[str]) -> bool:
+    return any(path == swept or path.startswith(swept + ".") for swept in swept_paths)
 
 
 def trials_of(runs: list[Run]) -> list[Trial]:
     """A method's configurations; `settings` holds the paths whose value differs between them.
 
-    Only paths the sweep set on the command line count where Hydra recorded them, so an interpolated copy
-    (a baseline's `method.recipe: ${recipe}`) is not written beside its source: a tuned file that set both would
+    Where Hydra recorded the command lines, only paths under an override whose value differs between the runs
+    count (a swept config group, `recipe=a,b`, counts with every path under it), so an interpolated copy (a
+    baseline's `method.recipe: ${recipe}`) is not written beside its source: a tuned file that set both would
     freeze the copy, and a later `recipe.lr=...` on the command line would no longer reach the method."""
+    seen: dict[tuple[str, Any], Run] = {}
+    for run in runs:
+        twin = seen.setdefault((run.config, run.ids["seed"]), run)
+        if twin is not run:
+            raise SystemExit(f"unierase-select: {twin.path} and {run.path} are the same configuration and seed "
+                             "(a reused copy?): pass each trial's sweep directory once")
     following = seed_following(runs)
     paths = {path for run in runs for path in run.settings if path not in following}
-    command_lines = [_command_line_paths(run) for run in runs]
+    command_lines = [_command_line(run) for run in runs]
     if all(found is not None for found in command_lines):
-        paths &= set().union(*command_lines)
+        keys = set().union(*command_lines)
+        swept = {key for key in keys if len({repr(line.get(key)) for line in command_lines}) > 1}
+        paths = {path for path in paths if _swept(path, swept)}
     varied = [path for path in sorted(paths) if len({repr(run.settings.get(path)) for run in runs}) > 1]
     by_config: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_config[run.config].append(run)
-    trials = [Trial(config, {path: members[0].settings.get(path) for path in varied},
+    trials = [Trial(config, {path: members[0].settings[path] for path in varied if path in members[0].settings},
                     _mean([run.values["forget_efficacy"] for run in members]),
                     _mean([run.values["model_utility"] for run in members]), tuple(members))
               for config, members in by_config.items()]
@@ -145,11 +172,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not ((args.reference / "metrics.json").is_file() and (args.reference / "config_resolved.yaml").is_file()):
         parser.error(f"--reference {args.reference} is not a run directory (metrics.json + config_resolved.yaml)")
-    reference_utility = load_run(args.reference).values["model_utility"]
+    reference = load_run(args.reference)
+    reference_utility = reference.values["model_utility"]
     if reference_utility is None:
         parser.error(f"{args.reference} has no model utility (cl.model_utility or its partial form)")
+    runs = load_runs(args.paths)
+    for run in runs:
+        differences = protocol_differences(run, reference)
+        if differences:
+            parser.error(f"{run.path} was not scored on the reference's protocol ({args.reference}): "
+                         + "; ".join(differences[:3]) + (" ..." if len(differences) > 3 else ""))
+    selections = select(runs, reference_utility, args.min_utility_ratio)
     args.out.mkdir(parents=True, exist_ok=True)
-    for selection in select(load_runs(args.paths), reference_utility, args.min_utility_ratio):
+    for selection in selections:
         text = tuned_yaml(selection, args.paths, args.reference, reference_utility, args.min_utility_ratio)
         atomic_write_text(args.out / f"{selection.method}.yaml", text)
         print(text)
