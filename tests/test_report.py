@@ -363,6 +363,22 @@ def test_headline_needs_a_baseline_and_survives_a_destroyed_one(tmp_path):
     assert found.utility_ratio == float("inf") and not found.utility_claim_holds  # it forgets less (0.9 < 1.0)
 
 
+def test_headline_compares_only_runs_scored_on_the_same_protocol(tmp_path):
+    """Two protocols alike in benchmark/split/setting/model but scored on other data (e.g. the demo and the
+    validation authors, both forget01): each UniErase row meets only its own protocol's baselines."""
+    from unierase.report.headline import headlines, render_headlines
+
+    _write_run(tmp_path / "a" / "0_unierase_cpu", 0, 0.8, 0.4)
+    _write_run(tmp_path / "a" / "1_ga_gd", 0, 0.5, 0.4, method="ga_gd", kind="finetune")
+    _write_run(tmp_path / "b" / "0_unierase_cpu", 0, 0.7, 0.3, data_dir="/validation")
+    _write_run(tmp_path / "b" / "1_ga_gd", 0, 0.9, 0.0, method="ga_gd", kind="finetune", data_dir="/validation")
+    found = headlines(load_runs([tmp_path]))
+    assert sorted((h.unierase.forget_efficacy.mean, h.best_forgetting.forget_efficacy.mean) for h in found) == [
+        (0.7, 0.9), (0.8, 0.5)]
+    titles = [line for line in render_headlines(found) if line.startswith("###")]
+    assert len(titles) == 2 and len(set(titles)) == 2 and all("tofu/forget01/batch/smollm2_135m #" in t for t in titles)
+
+
 def test_select_keeps_the_utility_bound_then_maximises_forget_efficacy(tmp_path, capsys):
     """unierase-select: reference utility 0.4, ratio 0.9 -> bound 0.36. L2=1 forgets most but keeps 0.30 (out);
     L2=10 (0.70 / 0.38) beats L2=100 (0.50 / 0.40). Seeds are averaged first."""

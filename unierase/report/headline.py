@@ -1,6 +1,7 @@
 """The paper's two headline comparisons (TOFU, batch; arXiv 2505.15674), computed from a report's rows.
 
-Within one protocol (benchmark, split, setting, model), each configuration is averaged over its seeds
+Within one protocol (benchmark, split, setting, model, and every benchmark, evaluation and target setting:
+`Run.protocol`), each configuration is averaged over its seeds
 (plot_units). Among the fine-tuning baselines (`method.kind: finetune`) the best-forgetting one has the highest
 forget efficacy (FE) and the best-retaining one the highest model utility (MU). For every configuration of a
 UniErase-family method (`method.kind: unierase`: UniErase and its ablations):
@@ -18,6 +19,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
+from unierase.io import stable_hash
 from unierase.report.plots import Unit, plot_units
 from unierase.report.runs import FE, MU, Run
 
@@ -59,7 +61,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Headline:
-    protocol: tuple[str, ...]  # benchmark, split, setting, model
+    protocol: tuple[str, ...]  # benchmark, split, setting, model, hash of Run.protocol()
     unierase: Row
     best_forgetting: Row
     best_retaining: Row
@@ -107,7 +109,7 @@ def headlines(runs: list[Run]) -> list[Headline]:
         row = _row(unit)
         if row is not None:
             first = unit.runs[0]
-            protocol = tuple(str(value) for value in first.family()[1:])
+            protocol = (*(str(value) for value in first.family()[1:]), stable_hash(first.protocol(), 8))
             by_protocol[protocol][str(first.settings.get("method.kind"))].append(row)
     found = []
     for protocol, kinds in sorted(by_protocol.items()):
@@ -128,10 +130,13 @@ def render_headlines(found: list[Headline]) -> list[str]:
     """Markdown lines: per protocol, the two baselines compared against, then one bullet per UniErase row."""
     lines: list[str] = []
     protocol = None
+    # The settings' hash is named only where two protocols would otherwise read alike.
+    titles = [protocol[:-1] for protocol in dict.fromkeys(headline.protocol for headline in found)]
     for headline in found:
         if headline.protocol != protocol:
             protocol = headline.protocol
-            lines += ["", f"### The paper's headline comparisons ({'/'.join(protocol)})", "",
+            title = "/".join(protocol[:-1]) + (f" #{protocol[-1]}" if titles.count(protocol[:-1]) > 1 else "")
+            lines += ["", f"### The paper's headline comparisons ({title})", "",
                       f"Best-forgetting baseline: {headline.best_forgetting.text()}. "
                       f"Best-retaining baseline: {headline.best_retaining.text()}. Means over seeds; "
                       f"paper (TOFU, batch): utility ratio {PAPER_UTILITY_RATIO}x while forgetting more, "

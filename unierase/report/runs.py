@@ -45,6 +45,8 @@ ID_COLUMNS: tuple[tuple[str, str], ...] = (
     ("setting", "Setting"), ("model", "Model"), ("seed", "Seed"),
 )
 FAMILY: tuple[str, ...] = ("method", "benchmark", "split", "setting", "model")  # the ID columns but the seed
+# The settings that define what a run was scored on: runs that differ in one of them are not comparable.
+PROTOCOL_PREFIXES: tuple[str, ...] = ("benchmark.", "eval.", "target.")
 METRIC_COLUMNS: tuple[Column, ...] = (
     Column("forget_efficacy", "Forget Efficacy", "cl.forget_efficacy", "cl.forget_efficacy_partial"),
     Column("model_utility", "Model Utility", "cl.model_utility", "cl.model_utility_partial"),
@@ -125,6 +127,10 @@ class Run:
 
     def family(self) -> tuple[Any, ...]:
         return tuple(self.ids[k] for k in FAMILY)
+
+    def protocol(self) -> dict[str, Any]:
+        """The settings that define what this run was scored on (PROTOCOL_PREFIXES)."""
+        return {path: value for path, value in sorted(self.settings.items()) if path.startswith(PROTOCOL_PREFIXES)}
 
     def sort_key(self) -> tuple:
         return tuple(_none_last(v) for v in (self.ids["benchmark"], self.ids["setting"], self.ids["method"],

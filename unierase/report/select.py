@@ -52,15 +52,11 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if len(present) == len(values) and present else None
 
 
-# Settings that define the validation protocol: a trial scored under other ones is not comparable with the reference.
-PROTOCOL_PREFIXES = ("benchmark.", "eval.", "target.")
-
-
 def protocol_differences(run: Run, reference: Run) -> list[str]:
     """The protocol settings in which `run` differs from `reference`, as `path: run value vs reference value`."""
-    paths = {path for path in (*run.settings, *reference.settings) if path.startswith(PROTOCOL_PREFIXES)}
-    return [f"{path}: {run.settings.get(path)!r} vs {reference.settings.get(path)!r}" for path in sorted(paths)
-            if run.settings.get(path) != reference.settings.get(path)]
+    ours, theirs = run.protocol(), reference.protocol()
+    return [f"{path}: {ours.get(path)!r} vs {theirs.get(path)!r}" for path in sorted({*ours, *theirs})
+            if ours.get(path) != theirs.get(path)]
 
 
 def _command_line(run: Run) -> dict[str, str] | None:
