@@ -396,6 +396,7 @@ def test_select_keeps_the_utility_bound_then_maximises_forget_efficacy(tmp_path,
         "method": {"edit": {"L2": 10.0}}}
     assert "0.7000 / 0.3800 / 2: method.edit.L2=10.0  <- chosen" in text
     assert "0.9000 / 0.3000 / 2: method.edit.L2=1.0\n" in text and "3 configurations, 5 runs" in text
+    assert "partial aggregates" not in text
 
     with pytest.raises(SystemExit):
         select_main([str(sweep), "--reference", str(tmp_path / "missing"), "--out", str(tmp_path / "tuned")])
@@ -422,6 +423,14 @@ def test_select_writes_what_the_sweep_set_not_its_interpolated_copy(tmp_path):
     assert OmegaConf.to_container(OmegaConf.load(tmp_path / "tuned" / "ga_gd.yaml")) == {"recipe": {"lr": 1.0e-4}}
     text = (tmp_path / "tuned" / "ga_gd.yaml").read_text(encoding="utf-8")
     assert text.index("recipe.lr=3e-05") < text.index("recipe.lr=0.0001  <- chosen")
+
+    # Selection offline reads the `*_partial` aggregates; the file says so.
+    _write_run(sweep / "2_ga_gd", 0, 0.0, 0.4, method="ga_gd", kind="finetune", recipe_lr=1.0e-6,
+               overrides=["recipe.lr=1e-06", "method=ga_gd", "experiment=cpu_tofu_validation"],
+               metrics={"cl.forget_efficacy": None, "cl.forget_efficacy_partial": 0.1})
+    select_main([str(sweep), "--reference", str(tmp_path / "target_eval"), "--out", str(tmp_path / "tuned")])
+    text = (tmp_path / "tuned" / "ga_gd.yaml").read_text(encoding="utf-8")
+    assert "0.1000 / 0.4000 / 1: recipe.lr=1e-06\n" in text and "are partial aggregates" in text
 
 
 def test_select_writes_the_values_under_a_swept_config_group(tmp_path):

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from unierase.io import atomic_write_text
 from unierase.report.grouping import load_runs, seed_following
-from unierase.report.runs import Run, load_run
+from unierase.report.runs import FE, MU, Run, load_run
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def trials_of(runs: list[Run]) -> list[Trial]:
     for run in runs:
         by_config[run.config].append(run)
     trials = [Trial(config, {path: members[0].settings[path] for path in varied if path in members[0].settings},
-                    _mean([run.values["forget_efficacy"] for run in members]),
-                    _mean([run.values["model_utility"] for run in members]), tuple(members))
+                    _mean([run.values[FE] for run in members]),
+                    _mean([run.values[MU] for run in members]), tuple(members))
               for config, members in by_config.items()]
     return sorted(trials, key=lambda trial: [_order(value) for value in trial.settings.values()])
 
@@ -147,6 +147,9 @@ def tuned_yaml(selection: Selection, sources: list[Path], reference: Path, refer
         + ("" if selection.feasible else " NO configuration kept the bound: this is the one with the highest utility."),
         "# trials (forget efficacy / model utility / seeds: settings):",
     ]
+    if any(run.partial & {FE, MU} for trial in selection.trials for run in trial.runs):
+        header.insert(-1, "# forget efficacy and model utility are partial aggregates (`*_partial`: null components "
+                          "left out) in some or all runs.")
     for trial in selection.trials:
         mark = "  <- chosen" if trial is chosen else ""
         values = ", ".join(f"{path}={value}" for path, value in trial.settings.items()) or "(the only one)"
