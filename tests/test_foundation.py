@@ -93,6 +93,22 @@ def _leaves(node, prefix: str = "") -> dict:
     return {prefix.removesuffix("."): node}
 
 
+@pytest.mark.parametrize("ablation", [["method=alphaedit_refusal"],
+                                      ["method=unierase_cpu", "method.token.train_on=generic",
+                                       "method.generic_questions=200"]])
+def test_the_tables_ablation_rows_share_unierases_chosen_edit_knobs(ablation):
+    """The table's no-token and universal-token rows run with `tuned=unierase_cpu` (README): they get exactly the
+    edit values chosen for UniErase, and keep what makes them ablations."""
+    chosen = _leaves(OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "tuned" / "unierase_cpu.yaml")))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=cpu_tofu_batch", *ablation, "tuned=unierase_cpu"])
+    validate_schemas(cfg)
+    for path, value in chosen.items():
+        assert OmegaConf.select(cfg, path) == value, path
+    assert (cfg.method.learned_token, cfg.method.token.train_on) == (
+        (False, "forget") if ablation == ["method=alphaedit_refusal"] else (True, "generic"))
+
+
 @pytest.mark.parametrize("entry", group_entries("tuned"))
 def test_every_tuned_entry_reaches_its_method_on_the_table_protocol(entry):
     """`unierase experiment=cpu_tofu_batch method=<m> tuned=<m>` (a row of docs/results/tofu_batch.md) runs with
