@@ -131,7 +131,7 @@ def render_headlines(found: list[Headline]) -> list[str]:
     lines: list[str] = []
     protocol = None
     # The settings' hash is named only where two protocols would otherwise read alike.
-    titles = [protocol[:-1] for protocol in dict.fromkeys(headline.protocol for headline in found)]
+    titles = [key[:-1] for key in dict.fromkeys(headline.protocol for headline in found)]
     for headline in found:
         if headline.protocol != protocol:
             protocol = headline.protocol
