@@ -478,3 +478,18 @@ def test_csv_names_run_directories_relative_to_where_the_table_is_made(tmp_path,
         tables.append((root / "docs" / "t.csv").read_text(encoding="utf-8"))
     assert tables[0] == tables[1]
     assert next(csv.DictReader(tables[0].splitlines()))["run_dir"] == "outputs/multiruns/t/0_ga_gd"
+
+
+def test_a_seed_saved_with_its_model_is_the_same_configuration_as_one_without(tmp_path):
+    """`setting.save_model` and `setting.fail_after_round` change no result (the results key leaves them out), so
+    the report does not split a configuration's seeds over them either."""
+    from unierase.report.runs import IGNORED_KEYS
+    from unierase.run import NOT_RESULT_SETTING_KEYS
+
+    assert {f"setting.{key}" for key in NOT_RESULT_SETTING_KEYS} <= set(IGNORED_KEYS)
+    for seed, save in ((0, True), (1, False)):
+        _write_run(tmp_path / f"seed{seed}", seed, 0.8, 0.4)
+        config = OmegaConf.load(tmp_path / f"seed{seed}" / "config_resolved.yaml")
+        config.setting.save_model = save
+        OmegaConf.save(config, tmp_path / f"seed{seed}" / "config_resolved.yaml")
+    assert len({run.config for run in load_runs([tmp_path])}) == 1

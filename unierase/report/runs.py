@@ -20,11 +20,13 @@ from omegaconf import OmegaConf
 # configuration: where the cache lives (entries are keyed by what produced them), logging and labels, the
 # progress display, what a sweeper is told, and how the target is built (not part of its cache key: the
 # same cached target either way), and whether finished results or unlearned models are reused (the same results
-# either way, by their keys). Everything else counts, so an unknown key splits groups, never merges them.
+# either way, by their keys), whether the model is saved and the simulated failure of the resume test (as the
+# results key: unierase.run.NOT_RESULT_SETTING_KEYS). Everything else counts, so an unknown key splits groups,
+# never merges them.
 IGNORED_KEYS: tuple[str, ...] = (
     "paths.cache_dir", "logger", "tags", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "optimized_metric", "objective_constraint", "target.build_in_subprocess", "target.gradient_checkpointing",
-    "reuse_results", "setting.reuse_unlearned",
+    "reuse_results", "setting.reuse_unlearned", "setting.save_model", "setting.fail_after_round",
 )
 # Folders whose relative paths resolve against the directory `unierase` was started from.
 DATA_DIR_KEYS: tuple[str, ...] = ("paths.data_dir", "benchmark.data_dir", "method.edit.mom2_corpus")
