@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -493,3 +494,37 @@ def test_a_seed_saved_with_its_model_is_the_same_configuration_as_one_without(tm
         config.setting.save_model = save
         OmegaConf.save(config, tmp_path / f"seed{seed}" / "config_resolved.yaml")
     assert len({run.config for run in load_runs([tmp_path])}) == 1
+
+
+def test_records_regenerate_the_table_without_the_run_directories(tmp_path, monkeypatch):
+    """`--records` copies each run's small files beside the table; the table made from them, after `outputs/` is
+    gone, is byte for byte the one `--records` wrote, and no model file is copied."""
+    monkeypatch.chdir(tmp_path)
+    sweep = Path("outputs/multiruns/t")
+    _write_run(sweep / "0_unierase_cpu", 0, 0.8, 0.4, data_dir="../shared/data", launched_from="/a/checkout",
+               rounds=[{"round": 1, "cl.forget.rouge": 0.1}], overrides=["seed=0"])
+    _write_run(sweep / "1_ga_gd", 0, 0.5, 0.2, method="ga_gd", kind="finetune", recipe_lr=1e-5)
+    (sweep / "1_ga_gd" / "model.safetensors").write_bytes(b"weights")
+    main([str(sweep), "--out", "docs", "--name", "t", "--records"])
+    written = {name: Path("docs", name).read_text(encoding="utf-8") for name in ("t.md", "t.csv", "t_rounds.csv")}
+    assert sorted(p.name for p in Path("docs/runs/t/t/0_unierase_cpu").rglob("*") if p.is_file()) == [
+        "config_resolved.yaml", "hydra.yaml", "metrics.json", "overrides.yaml", "rounds.json"]
+    assert not list(Path("docs/runs").rglob("model.safetensors"))
+    assert {row["run_dir"] for row in csv.DictReader(written["t.csv"].splitlines())} == {
+        "docs/runs/t/t/0_unierase_cpu", "docs/runs/t/t/1_ga_gd"}
+
+    shutil.rmtree("outputs")
+    main(["docs/runs/t", "--out", "docs", "--name", "t"])
+    assert {name: Path("docs", name).read_text(encoding="utf-8") for name in written} == written
+
+
+def test_records_refuse_to_copy_a_folder_into_itself_or_two_roots_into_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write_run(Path("docs/runs/t/t/0_unierase_cpu"), 0, 0.8, 0.4)
+    with pytest.raises(SystemExit, match="already inside"):
+        main(["docs/runs/t", "--out", "docs", "--name", "t", "--records"])
+    _write_run(Path("a/sweep/0_unierase_cpu"), 0, 0.8, 0.4)
+    _write_run(Path("b/sweep/0_unierase_cpu"), 1, 0.8, 0.4)
+    with pytest.raises(SystemExit, match="share a folder name"):
+        main(["a/sweep", "b/sweep", "--out", "docs", "--name", "u", "--records"])
+    assert not Path("docs/runs/u").exists()

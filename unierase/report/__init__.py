@@ -21,6 +21,7 @@ Where each part lives:
   headline.py  the paper's two headline comparisons (UniErase vs the best-forgetting / best-retaining baseline)
   plots.py     the FE-vs-MU, sequential (per round) and audit (heatmap) plots, averaged over seeds
   cli.py       write_report and `unierase-table` (main)
+  records.py   the runs' record files copied where git keeps them (`unierase-table --records`)
   select.py    `unierase-select`: each method's hyperparameters from a validation sweep, one rule for all
 """
 from unierase.report.cli import main, write_report

@@ -1,8 +1,9 @@
-"""`unierase-table PATH [PATH...] [--out DIR] [--name NAME]`: the report over the runs under PATH.
+"""`unierase-table PATH [PATH...] [--out DIR] [--name NAME] [--records]`: the report over the runs under PATH.
 
 Writes `<out>/<name>.md`, `<name>.csv`, `<name>_fe_vs_mu.png`, `<name>_rounds.csv` and `<name>_sequential.png`
 when a run has `rounds.json`, and `<name>_audit.png` when a run has forget ROUGE under an audit attack; prints the
-Markdown.
+Markdown. With `--records`, each run's record files are first copied to `<out>/runs/<name>/` (records.py) and
+the report is made from the copies, so it regenerates from a checkout that has no `outputs/`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from unierase.io import atomic_write_text
 from unierase.report.grouping import load_runs
 from unierase.report.plots import plot_audit, plot_fe_vs_mu, plot_sequential
+from unierase.report.records import copy_records
 from unierase.report.runs import ATTACK_GROUP, any_value
 from unierase.report.tables import render_csv, render_markdown, render_rounds_csv
 
@@ -39,6 +41,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="directories searched recursively for runs (metrics.json + config_resolved.yaml)")
     parser.add_argument("--out", type=Path, help="output directory (default: the first PATH)")
     parser.add_argument("--name", default="summary", help="output file stem (default: summary)")
+    parser.add_argument("--records", action="store_true",
+                        help="copy each run's record files to <out>/runs/<name>/ and report from the copies")
     args = parser.parse_args(argv)
-    print(write_report(args.paths, args.out or args.paths[0], args.name), end="")
+    out = args.out or args.paths[0]
+    paths = args.paths
+    if args.records:
+        copy_records(paths, out / "runs" / args.name)
+        paths = [out / "runs" / args.name]
+    print(write_report(paths, out, args.name), end="")
 
