@@ -528,3 +528,21 @@ def test_records_refuse_to_copy_a_folder_into_itself_or_two_roots_into_one(tmp_p
     with pytest.raises(SystemExit, match="share a folder name"):
         main(["a/sweep", "b/sweep", "--out", "docs", "--name", "u", "--records"])
     assert not Path("docs/runs/u").exists()
+
+
+def test_an_evaluated_model_is_named_by_its_folder_and_left_out_of_the_headline(tmp_path):
+    """`stage=eval` on the cached target: its config still holds the default method group (UniErase), which must
+    neither name its row nor make it the headline's UniErase (it would be, with the highest FE and MU here)."""
+    from unierase.report.headline import headlines
+
+    _write_run(tmp_path / "runs" / "0_unierase_cpu", 0, 0.8, 0.5)
+    _write_run(tmp_path / "runs" / "1_ga_gd", 0, 0.7, 0.2, method="ga_gd", kind="finetune")
+    target = tmp_path / "runs" / "target_eval"
+    _write_run(target, 0, 0.9, 0.6)
+    config = OmegaConf.load(target / "config_resolved.yaml")
+    config.stage, config.model.path = "eval", "/cache/targets/target-1f5cb0a071040d84"
+    OmegaConf.save(config, target / "config_resolved.yaml")
+    runs = load_runs([tmp_path / "runs"])
+    assert sorted(run.ids["method"] for run in runs) == ["eval:target", "ga_gd", "unierase_cpu"]
+    (found,) = headlines(runs)
+    assert found.unierase.label == "unierase_cpu"

@@ -218,9 +218,22 @@ def _settings(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return settings
 
 
+def evaluated_model_name(model_path: str) -> str:
+    """A `stage=eval` run's row name: `eval:` and the model folder's name, less a cache hash (the cached
+    `target-1f5cb0a071040d84` is `eval:target`)."""
+    name = Path(model_path).name
+    stem, _, suffix = name.rpartition("-")
+    cache_hash = len(suffix) == 16 and all(c in "0123456789abcdef" for c in suffix)
+    return f"eval:{stem if stem and cache_hash else name}"
+
+
 def load_run(run_dir: Path) -> Run:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg = OmegaConf.load(run_dir / "config_resolved.yaml")
+    if OmegaConf.select(cfg, "stage") == "eval":
+        # The model was scored as given: the method group's defaults in its config did nothing, so they neither
+        # name the row nor count it as UniErase or a baseline in the headline.
+        cfg.method = {"name": evaluated_model_name(str(OmegaConf.select(cfg, "model.path")))}
     ids = {
         "method": OmegaConf.select(cfg, "method.name"),
         "benchmark": OmegaConf.select(cfg, "benchmark.name"),
