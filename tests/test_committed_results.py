@@ -26,3 +26,16 @@ def test_committed_table_regenerates_from_its_records(name, tmp_path, monkeypatc
         assert committed.is_file() == regenerated.is_file(), file
         if committed.is_file():
             assert regenerated.read_text(encoding="utf-8") == committed.read_text(encoding="utf-8"), file
+
+
+def test_tuned_configs_regenerate_from_the_validation_records(tmp_path, monkeypatch, capsys):
+    """conf/tuned is `unierase-select` over the committed selection trials (docs/results/tofu_validation.*)."""
+    from unierase.report.select import main as select
+
+    monkeypatch.chdir(REPO)
+    select(["docs/results/runs/tofu_validation/validation",
+            "--reference", "docs/results/runs/tofu_validation/target_eval", "--out", str(tmp_path)])
+    committed = sorted(path.name for path in (REPO / "conf" / "tuned").glob("*.yaml"))
+    assert sorted(path.name for path in tmp_path.glob("*.yaml")) == committed
+    for name in committed:
+        assert (tmp_path / name).read_text(encoding="utf-8") == (REPO / "conf/tuned" / name).read_text(encoding="utf-8")
