@@ -28,7 +28,7 @@ def test_committed_table_regenerates_from_its_records(name, tmp_path, monkeypatc
             assert regenerated.read_text(encoding="utf-8") == committed.read_text(encoding="utf-8"), file
 
 
-def test_tuned_configs_regenerate_from_the_validation_records(tmp_path, monkeypatch, capsys):
+def test_tuned_configs_regenerate_from_the_validation_records(tmp_path, monkeypatch):
     """conf/tuned is `unierase-select` over the committed selection trials (docs/results/tofu_validation.*)."""
     from unierase.report.select import main as select
 
