@@ -9,13 +9,13 @@ Runs are grouped by their configuration: the resolved config without the seed an
 cannot change results (IGNORED_KEYS). The table lists every run, with its configuration's short hash and the
 settings that tell it from the other configurations of the same method, benchmark, split, setting and model;
 configurations with several seeds get their means ± sd, each protocol with UniErase and baseline rows the paper's
-headline comparisons (headline.py), and the robustness audit's metrics (`audit.*`) of the runs that have them
-tables of their own. The plots average the runs of one configuration over seeds, and never average two runs
-with the same seed.
+headline comparisons (headline.py), and each column group (ROUGE/Prob/truth ratio per split, the robustness
+audit's `audit.*` metrics) a table of its own over the runs that have its values. The plots average the runs
+of one configuration over seeds, and never average two runs with the same seed.
 
 Where each part lives:
 
-  runs.py      finding and loading run directories: the Run record, its columns and audit column groups, its settings
+  runs.py      finding and loading run directories: the Run record, its columns and column groups, its settings
   grouping.py  configurations: the key (settings less the seed), what tells configurations apart, load_runs
   tables.py    the Markdown and CSV tables, with the means ± sd over seeds
   headline.py  the paper's two headline comparisons (UniErase vs the best-forgetting / best-retaining baseline)

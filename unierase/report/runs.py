@@ -52,10 +52,6 @@ PROTOCOL_PREFIXES: tuple[str, ...] = ("benchmark.", "eval.", "target.")
 METRIC_COLUMNS: tuple[Column, ...] = (
     Column("forget_efficacy", "Forget Efficacy", "cl.forget_efficacy", "cl.forget_efficacy_partial"),
     Column("model_utility", "Model Utility", "cl.model_utility", "cl.model_utility_partial"),
-    Column("forget_rouge", "Forget ROUGE", "cl.forget.rouge"),
-    Column("retain_rouge", "Retain ROUGE", "cl.retain.rouge"),
-    Column("forget_prob", "Forget Prob", "cl.forget.prob"),
-    Column("forget_truth_ratio", "Forget TR", "cl.forget.truth_ratio"),
     Column("ou_forget_quality", "OU Forget Quality", "ou.forget_quality"),
     Column("ou_model_utility", "OU Model Utility", "ou.model_utility"),
     # Each general-ability accuracy with its standard error: CPU subsets are small (conf/eval/fast.yaml).
@@ -76,6 +72,18 @@ class ColumnGroup(NamedTuple):
     title: str
     columns: tuple[Column, ...]
     notes: tuple[str, ...]  # printed under its Markdown table
+
+
+# Each TOFU split's generation, probability and truth-ratio scores (unierase/evaluation/classic.py).
+_SPLITS: tuple[tuple[str, str], ...] = (
+    ("forget", "Forget"), ("retain", "Retain"), ("real_authors", "Real authors"), ("world_facts", "World facts"))
+SPLIT_GROUP = ColumnGroup("Per split: ROUGE-L recall, answer probability, truth ratio", tuple(
+    Column(f"{split}_{score}", f"{header} {score_header}", f"cl.{split}.{score}")
+    for split, header in _SPLITS
+    for score, score_header in (("rouge", "ROUGE"), ("prob", "Prob"), ("truth_ratio", "TR"))), (
+    "Prob: the answer's probability; on real authors and world facts normalised over the answer and its perturbed "
+    "options. TR: on forget 1 − mean min(R, 1/R) (lower = forgotten), elsewhere mean max(0, 1 − 1/R) (higher = "
+    "kept), R the truth ratio (SPEC-metrics).",))
 
 
 # The robustness audit's columns (unierase/evaluation/audit.py), in two groups.
@@ -110,15 +118,15 @@ MEMBERSHIP_GROUP = ColumnGroup("Robustness: retain cost and membership inference
     "seen, 0.5 = indistinguishable.",
     "Privleak (open-unlearning): ((1 − AUC) − (1 − AUC_retain)) / (1 − AUC_retain) · 100, with AUC_retain the "
     "retain-reference model's Min-K AUC on the same rows; ≈ 0 is ideal."))
-COLUMN_GROUPS: tuple[ColumnGroup, ...] = (ATTACK_GROUP, MEMBERSHIP_GROUP)
-AUDIT_COLUMNS: tuple[Column, ...] = tuple(col for group in COLUMN_GROUPS for col in group.columns)
+COLUMN_GROUPS: tuple[ColumnGroup, ...] = (SPLIT_GROUP, ATTACK_GROUP, MEMBERSHIP_GROUP)
+GROUP_COLUMNS: tuple[Column, ...] = tuple(col for group in COLUMN_GROUPS for col in group.columns)
 
 
 @dataclass
 class Run:
     path: Path
     ids: dict[str, Any]  # the ID_COLUMNS values (None where the config lacks them)
-    values: dict[str, float | None]  # METRIC_COLUMNS and AUDIT_COLUMNS values by key
+    values: dict[str, float | None]  # METRIC_COLUMNS and GROUP_COLUMNS values by key
     partial: set[str] = field(default_factory=set)  # keys whose value came from the fallback
     rounds: list[dict[str, Any]] | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # dotted path -> value, without `seed` and IGNORED_KEYS
@@ -244,7 +252,7 @@ def load_run(run_dir: Path) -> Run:
     }
     values: dict[str, float | None] = {}
     partial: set[str] = set()
-    for col in METRIC_COLUMNS + AUDIT_COLUMNS:
+    for col in METRIC_COLUMNS + GROUP_COLUMNS:
         value = _number(metrics.get(col.metric))
         if value is None and col.fallback:
             value = _number(metrics.get(col.fallback))

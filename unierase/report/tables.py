@@ -1,6 +1,6 @@
 """The report's tables: every run as one row, rendered as padded Markdown and as CSV; in the Markdown, the
 configurations' means ± sd over seeds (where one has several seeds), the paper's headline comparisons
-(headline.py) and the robustness audit's column groups, after the main table."""
+(headline.py) and the column groups (per split, robustness audit), after the main table."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,6 @@ from unierase.report.grouping import same_seed_runs
 from unierase.report.headline import headlines, render_headlines, unit_stat
 from unierase.report.plots import plot_units
 from unierase.report.runs import (
-    AUDIT_COLUMNS,
     COLUMN_GROUPS,
     FE,
     ID_COLUMNS,
@@ -94,7 +93,7 @@ def _seed_means_table(runs: list[Run]) -> list[str]:
 
 def render_markdown(runs: list[Run]) -> str:
     """The main table with its notes; the means over seeds where a configuration has several; the headline
-    comparisons where a protocol has UniErase and baseline rows; then a section per audit group (COLUMN_GROUPS)
+    comparisons where a protocol has UniErase and baseline rows; then a section per column group (COLUMN_GROUPS)
     that has a value, listing the runs that have one."""
     same_seed = same_seed_runs(runs)
     marked = {id(run) for members in same_seed for run in members}
@@ -129,8 +128,9 @@ def render_csv(runs: list[Run]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     marked = {id(run) for members in same_seed_runs(runs) for run in members}
-    # Audit columns only where a run was audited, so the CSV of runs without the audit keeps its columns.
-    columns = METRIC_COLUMNS + AUDIT_COLUMNS if any_value(runs, AUDIT_COLUMNS) else METRIC_COLUMNS
+    # A group's columns only where a run has a value, so the CSV of runs without the audit has no audit columns.
+    columns = METRIC_COLUMNS + tuple(col for group in COLUMN_GROUPS if any_value(runs, group.columns)
+                                     for col in group.columns)
     # The partial flags keep in the CSV what the Markdown shows with `*`; config_diff names every setting.
     writer.writerow([k for k, _ in ID_COLUMNS] + [c.key for c in columns]
                     + [f"{FE}_is_partial", f"{MU}_is_partial", "config", "config_diff", "same_config_and_seed",
