@@ -365,6 +365,8 @@ def test_headline_needs_a_baseline_and_survives_a_destroyed_one(tmp_path):
     _write_run(tmp_path / "alone" / "1_ga_gd", 0, 1.0, 0.0, method="ga_gd", kind="finetune")
     (found,) = headlines(load_runs([tmp_path / "alone"]))
     assert found.utility_ratio == float("inf") and not found.utility_claim_holds  # it forgets less (0.9 < 1.0)
+    markdown, _ = _report(tmp_path / "alone", tmp_path / "out")
+    assert "utility ratio unbounded (the baseline's utility is 0), forgetting less (does NOT hold)" in markdown
 
 
 def test_headline_compares_only_runs_scored_on_the_same_protocol(tmp_path):

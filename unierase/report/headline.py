@@ -122,6 +122,10 @@ def headlines(runs: list[Run]) -> list[Headline]:
     return found
 
 
+def _ratio_text(ratio: float) -> str:
+    return "unbounded (the baseline's utility is 0)" if math.isinf(ratio) else f"{ratio:.2f}x"
+
+
 def _verdict(holds: bool) -> str:
     return "holds in direction" if holds else "does NOT hold"
 
@@ -142,7 +146,7 @@ def render_headlines(found: list[Headline]) -> list[str]:
                       f"paper (TOFU, batch): utility ratio {PAPER_UTILITY_RATIO}x while forgetting more, "
                       f"efficacy gain +{PAPER_EFFICACY_GAIN:.2%}.", ""]
         lines.append(
-            f"- {headline.unierase.text()}: utility ratio {headline.utility_ratio:.2f}x, "
+            f"- {headline.unierase.text()}: utility ratio {_ratio_text(headline.utility_ratio)}, "
             f"{'forgetting more' if headline.forgets_more else 'forgetting less'} "
             f"({_verdict(headline.utility_claim_holds)}); efficacy gain {headline.efficacy_gain:+.2%} "
             f"({_verdict(headline.efficacy_claim_holds)}).")
