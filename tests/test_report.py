@@ -510,10 +510,11 @@ def test_records_regenerate_the_table_without_the_run_directories(tmp_path, monk
                rounds=[{"round": 1, "cl.forget.rouge": 0.1}], overrides=["seed=0"])
     _write_run(sweep / "1_ga_gd", 0, 0.5, 0.2, method="ga_gd", kind="finetune", recipe_lr=1e-5)
     (sweep / "1_ga_gd" / "model.safetensors").write_bytes(b"weights")
+    (sweep / "0_unierase_cpu" / "results_key").write_text("key-a\n")
     main([str(sweep), "--out", "docs", "--name", "t", "--records"])
     written = {name: Path("docs", name).read_text(encoding="utf-8") for name in ("t.md", "t.csv", "t_rounds.csv")}
     assert sorted(p.name for p in Path("docs/runs/t/t/0_unierase_cpu").rglob("*") if p.is_file()) == [
-        "config_resolved.yaml", "hydra.yaml", "metrics.json", "overrides.yaml", "rounds.json"]
+        "config_resolved.yaml", "hydra.yaml", "metrics.json", "overrides.yaml", "results_key", "rounds.json"]
     assert not list(Path("docs/runs").rglob("model.safetensors"))
     assert {row["run_dir"] for row in csv.DictReader(written["t.csv"].splitlines())} == {
         "docs/runs/t/t/0_unierase_cpu", "docs/runs/t/t/1_ga_gd"}

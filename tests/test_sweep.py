@@ -196,6 +196,22 @@ def test_a_job_directory_that_now_holds_another_job_is_not_reused(tmp_path):
     assert reuse_finished(cache, "key-a", source) == {"cl.forget.rouge": 0.5}  # the same job, in its own directory
 
 
+def test_a_job_restored_from_its_records_is_finished_without_the_caches_record(tmp_path):
+    """Committed run records copied back into a sweep directory on a machine with an empty cache: the same sweep
+    command finds each finished job in its own directory (metrics and a matching results_key) and skips it."""
+    from unierase.run import RESULTS_KEY_FILE, reuse_finished
+
+    cache, here = tmp_path / "empty-cache", tmp_path / "sweep" / "0_ga"
+    here.mkdir(parents=True)
+    (here / "metrics.json").write_text(json.dumps({"cl.forget.rouge": 0.5}))
+    assert reuse_finished(cache, "key-a", here) is None  # no key file: nothing says whose metrics these are
+    (here / RESULTS_KEY_FILE).write_text("key-b\n")
+    assert reuse_finished(cache, "key-a", here) is None  # another job's metrics: this one runs
+    (here / RESULTS_KEY_FILE).write_text("key-a\n")
+    assert reuse_finished(cache, "key-a", here) == {"cl.forget.rouge": 0.5}
+    assert not cache.exists()
+
+
 def test_a_job_about_to_run_clears_the_results_an_earlier_job_left_in_its_directory(tmp_path):
     """While a job runs, or after it fails, its directory must not show another job's metrics to unierase-table."""
     from unierase.run import RESULTS_KEY_FILE, clear_results

@@ -221,23 +221,28 @@ def clear_results(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
+def holds_results(run_dir: Path, key: str) -> bool:
+    """Whether `run_dir` holds the metrics of the job of results key `key`."""
+    stored = run_dir / RESULTS_KEY_FILE
+    return ((run_dir / "metrics.json").is_file() and stored.is_file() and stored.read_text().strip() == key)
+
+
 def reuse_finished(cache_dir: Path, key: str, run_dir: Path) -> dict | None:
     """A finished job with the same results key: its result files copied into `run_dir` and its metrics
     (with `reused_from`); None when there is none, its run directory is gone, or the directory now holds another
-    job's results (a sweep re-run with another grid numbers its job directories anew)."""
+    job's results (a sweep re-run with another grid numbers its job directories anew). A job that finished in
+    `run_dir` itself is found there even without the cache's record: a sweep restored from committed run records
+    (another machine, an emptied cache) resumes without rerunning it."""
+    if holds_results(run_dir, key):
+        log.info("job already finished in %s (results key %s)", run_dir, key)
+        return json.loads((run_dir / "metrics.json").read_text())
     record = finished_record(cache_dir, key)
     if not record.is_file():
         return None
     source = Path(json.loads(record.read_text())["run_dir"])
-    if not (source / "metrics.json").is_file():
-        return None
-    stored = source / RESULTS_KEY_FILE
-    if not stored.is_file() or stored.read_text().strip() != key:
+    if not holds_results(source, key):
         return None
     metrics = json.loads((source / "metrics.json").read_text())
-    if source.resolve() == run_dir.resolve():  # the same sweep command run again: this job finished here
-        log.info("job already finished in %s (results key %s)", run_dir, key)
-        return metrics
     log.info("reusing the finished job %s (same results key %s)", source, key)
     for name in REUSED_FILES:
         if (source / name).is_dir():
