@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from unierase.io import file_digest
 from unierase.models import load_saved
 from unierase.run import CONFIG_DIR, run
 
@@ -43,7 +44,11 @@ def run_job(tmp_path: Path, overrides: list[str], cache: Path, name: str = "run"
 
 
 def test_batch_baseline_writes_the_run_directory(tmp_path, data_dir):
-    metrics, run_dir = run_job(tmp_path, ["method=ga_gd", "benchmark.retain_authors=1"], isolated_cache(tmp_path))
+    cache = isolated_cache(tmp_path)
+    metrics, run_dir = run_job(tmp_path, ["method=ga_gd", "benchmark.retain_authors=1"], cache)
+    (target_dir,) = (cache / "targets").glob("target-*")
+    assert json.loads((run_dir / "starting_model.json").read_text()) == {
+        "id": target_dir.name, "weights_sha256": {"model.safetensors": file_digest(target_dir / "model.safetensors")}}
     for name in ("config_resolved.yaml", "versions.json", "metrics.json", "eval/knowledge.forget.jsonl",
                  "eval/knowledge.json", "model/model.safetensors", "model/tokenizer.json"):
         assert (run_dir / name).is_file(), name
@@ -52,6 +57,11 @@ def test_batch_baseline_writes_the_run_directory(tmp_path, data_dir):
     assert len((run_dir / "eval/knowledge.forget.jsonl").read_text().splitlines()) == 2
     versions = json.loads((run_dir / "versions.json").read_text())
     assert versions["packages"]["torch"] and versions["device"] == "cpu"
+    saved = run_dir / "model"
+    _, eval_dir = run_job(tmp_path, ["model=saved", f"model.path={saved}", "stage=eval",
+                                     "benchmark.retain_authors=1"], cache, "eval")
+    assert json.loads((eval_dir / "starting_model.json").read_text()) == {
+        "id": str(saved), "weights_sha256": {"model.safetensors": file_digest(saved / "model.safetensors")}}
 
 
 def test_reuse_unlearned_rescored_with_another_eval_trains_nothing(tmp_path, data_dir, monkeypatch):

@@ -552,3 +552,34 @@ def test_an_evaluated_model_is_named_by_its_folder_and_left_out_of_the_headline(
     assert sorted(run.ids["method"] for run in runs) == ["eval:target", "ga_gd", "unierase_cpu"]
     (found,) = headlines(runs)
     assert found.unierase.label == "unierase_cpu"
+
+
+def _start_from(run_dir: Path, digest: str) -> None:
+    (run_dir / "starting_model.json").write_text(json.dumps(
+        {"id": "target-1f5cb0a071040d84", "weights_sha256": {"model.safetensors": digest}}))
+
+
+def test_runs_started_from_two_builds_of_the_target_are_refused_and_one_build_is_named(tmp_path, monkeypatch):
+    """A rebuilt target (same cache key) can hold other weights: unlearning rows of one protocol that started from
+    two builds must not share a table. One build is named under the table; runs without the record are listed."""
+    monkeypatch.chdir(tmp_path)
+    sweep = Path("outputs/multiruns/t")
+    _write_run(sweep / "0_unierase_cpu", 0, 0.8, 0.4)
+    _write_run(sweep / "1_ga_gd", 0, 0.5, 0.2, method="ga_gd", kind="finetune", recipe_lr=1e-5)
+    _write_run(sweep / "2_npo_gd", 0, 0.5, 0.2, method="npo_gd", kind="finetune", recipe_lr=1e-5)
+    _start_from(sweep / "0_unierase_cpu", "a" * 64)
+    _start_from(sweep / "1_ga_gd", "a" * 64)
+    main([str(sweep), "--out", "docs", "--name", "t", "--records"])
+    assert Path("docs/runs/t/t/1_ga_gd/starting_model.json").is_file()  # a record file: it travels with the table
+    markdown = Path("docs/t.md").read_text(encoding="utf-8")
+    assert f"`{'a' * 12}`: ga_gd (seed 0), unierase_cpu (seed 0); not recorded: npo_gd (seed 0)." in markdown
+
+    _start_from(sweep / "2_npo_gd", "b" * 64)
+    with pytest.raises(SystemExit, match=f"different weights \\({'a' * 12} in .*; {'b' * 12} in .*2_npo_gd\\)"):
+        main([str(sweep), "--out", "other", "--name", "t"])
+    assert not Path("other/t.md").exists()
+    # Another protocol (another forget split) may start from another target.
+    config = OmegaConf.load(sweep / "2_npo_gd" / "config_resolved.yaml")
+    config.benchmark.split = "forget05"
+    OmegaConf.save(config, sweep / "2_npo_gd" / "config_resolved.yaml")
+    main([str(sweep), "--out", "other", "--name", "t"])

@@ -214,9 +214,10 @@ def test_a_job_restored_from_its_records_is_finished_without_the_caches_record(t
 
 def test_a_job_about_to_run_clears_the_results_an_earlier_job_left_in_its_directory(tmp_path):
     """While a job runs, or after it fails, its directory must not show another job's metrics to unierase-table."""
-    from unierase.run import RESULTS_KEY_FILE, clear_results
+    from unierase.run import RESULTS_KEY_FILE, STARTING_MODEL_FILE, clear_results
 
-    for name in ("metrics.json", "rounds.json", "precise.json", RESULTS_KEY_FILE, "eval/round_01/forget.json"):
+    for name in ("metrics.json", "rounds.json", "precise.json", RESULTS_KEY_FILE, STARTING_MODEL_FILE,
+                 "eval/round_01/forget.json"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
     clear_results(tmp_path)

@@ -28,7 +28,7 @@ from unierase.evaluation.aggregate import read_forget_truth_ratios
 from unierase.evaluation.audit import AuditReferences, reference_audit, run_audit
 from unierase.evaluation.knowledge import evaluate_knowledge
 from unierase.evaluation.utility import evaluate_utility
-from unierase.io import atomic_dir, atomic_write_json, atomic_write_text, stable_hash
+from unierase.io import atomic_dir, atomic_write_json, atomic_write_text, file_digest, stable_hash
 from unierase.loggers import finish, log_metrics, make_loggers
 from unierase.models import base_identity, load_model
 from unierase.objective import ObjectiveConstraint, objective_value
@@ -65,6 +65,20 @@ def stage_finetune(job: Job) -> dict:
     reference = job.targets.retain_reference(base, tokenizer, job.checked.benchmark)
     return {"target": target_id, "retain_reference": reference[1].name if reference else None,
             "seconds": time.perf_counter() - start}
+
+
+STARTING_MODEL_FILE = "starting_model.json"  # in a run directory: the weights the job started from
+
+
+def write_starting_model(run_dir: Path, identity: str, directory: Path | None) -> None:
+    """Record the model a job started from: its identity and the sha256 of each of its safetensors files.
+
+    Two builds of one cached target (same key, other machine or thread count) can differ in their weights; the
+    digests let the report refuse to put rows started from two builds in one comparison. A model without local
+    safetensors (a hub id, the base model) is named by its identity alone."""
+    files = sorted(directory.glob("*.safetensors")) if directory is not None and directory.is_dir() else []
+    atomic_write_json(run_dir / STARTING_MODEL_FILE,
+                      {"id": identity, "weights_sha256": {file.name: file_digest(file) for file in files}})
 
 
 def make_evaluator(job: Job, benchmark: Benchmark, retain_reference_tr: list[float] | None,
@@ -147,6 +161,7 @@ def stage_unlearn(job: Job) -> dict:
     job.targets.build_missing_in_children(benchmark, with_reference)
     base, tokenizer = job.load_base()
     target, job.ctx.model_id = job.targets.target(base, tokenizer, benchmark)
+    write_starting_model(job.ctx.run_dir, job.ctx.model_id, job.targets.target_dir(benchmark))
     benchmark = model_references(job, target, tokenizer, benchmark)
     job.ctx.unlearned_key = unlearned_key(job.cfg, benchmark, job.ctx.model_id)
     retain_tr = retain_reference_truth_ratios(job, base, tokenizer, benchmark) if with_reference else None
@@ -159,6 +174,8 @@ def stage_unlearn(job: Job) -> dict:
 
 def stage_eval(job: Job) -> dict:
     base, tokenizer = job.load_base()
+    evaluated = str(job.ctx.model_cfg.path)
+    write_starting_model(job.ctx.run_dir, evaluated, Path(evaluated).expanduser())
     benchmark = job.checked.benchmark
     reference = job.checked.eval.audit.reference_tokenizer
     vocabulary = set(AutoTokenizer.from_pretrained(reference).get_vocab()) if reference else None
@@ -202,7 +219,7 @@ def unlearned_key(cfg: DictConfig, benchmark: Benchmark, target_id: str) -> str:
 
 
 # A finished job's files that a reusing job copies (not its model, its own header or its log).
-REUSED_FILES = ("eval", "rounds.json", "precise.json")
+REUSED_FILES = ("eval", "rounds.json", "precise.json", STARTING_MODEL_FILE)
 
 
 def finished_record(cache_dir: Path, key: str) -> Path:
@@ -217,7 +234,7 @@ def clear_results(run_dir: Path) -> None:
     """Remove an earlier job's results from a directory a job is about to run in (a sweep re-run with another grid
     numbers its jobs anew), so that while it runs, or if it fails, no table reads them as this job's. Per-example
     `eval/` files stay: a resumed sequential run keeps its earlier rounds' there, and a new job overwrites them."""
-    for name in (RESULTS_KEY_FILE, "metrics.json", "rounds.json", "precise.json"):
+    for name in (RESULTS_KEY_FILE, "metrics.json", "rounds.json", "precise.json", STARTING_MODEL_FILE):
         (run_dir / name).unlink(missing_ok=True)
 
 

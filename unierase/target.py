@@ -181,6 +181,10 @@ class Targets:
         model, path = self._finetuned(base, tokenizer, benchmark.target_train, "target")
         return model, path.name
 
+    def target_dir(self, benchmark: Benchmark) -> Path | None:
+        """Where `target()` caches the model that knows the forget set; None where the base is the target."""
+        return None if benchmark.target_train is None else self._directory(benchmark.target_train, "target")
+
     def retain_reference(self, base: PreTrainedModel, tokenizer: Any,
                          benchmark: Benchmark) -> tuple[PreTrainedModel, Path] | None:
         """The same recipe without the forget split; None where the benchmark has no target to build."""

@@ -50,12 +50,29 @@ def group_runs(runs: list[Run]) -> None:
         run.differs = differs[run.config]
 
 
+def check_one_start(runs: list[Run]) -> None:
+    """Refuse unlearning runs of one protocol (benchmark, split, model and every benchmark/eval/target setting) that
+    started from different weights: two builds of one cached target can differ (thread count, machine), and their
+    rows are not comparable. Runs that did not record their starting weights are not checked."""
+    starts: dict[str, dict[str, Path]] = defaultdict(dict)  # protocol -> starting weights -> a run that had them
+    for run in runs:
+        if run.settings.get("stage") == "unlearn" and run.starting_weights is not None:
+            protocol = _value_text([run.ids["benchmark"], run.ids["split"], run.ids["model"], run.protocol()])
+            starts[protocol].setdefault(run.starting_weights, run.path)
+    for found in starts.values():
+        if len(found) > 1:
+            listed = "; ".join(f"{weights[:12]} in {path}" for weights, path in sorted(found.items()))
+            raise SystemExit(f"unierase-table: unlearning runs of one protocol started from different weights "
+                             f"({listed}): a rebuilt target is another model; report each build's runs apart")
+
+
 def load_runs(paths: list[Path]) -> list[Run]:
     run_dirs = find_run_dirs(paths)
     if not run_dirs:
         raise SystemExit(f"unierase-table: no run directories (metrics.json + config_resolved.yaml) "
                          f"under {', '.join(map(str, paths))}")
     runs = [load_run(d) for d in run_dirs]
+    check_one_start(runs)
     group_runs(runs)
     return sorted(runs, key=Run.sort_key)
 

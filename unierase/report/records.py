@@ -15,9 +15,10 @@ from unierase.report.runs import find_run_dirs
 
 # What load_run reads (metrics, resolved config, per-round metrics, the launch directory in hydra.yaml), what
 # unierase-select writes back (the command line in overrides.yaml), and the results key that lets a sweep restored
-# from these records skip its finished jobs (run.reuse_finished); each is a few kB.
+# from these records skip its finished jobs (run.reuse_finished), and the weights the job started from
+# (run.write_starting_model); each is a few kB.
 RECORD_FILES: tuple[str, ...] = ("metrics.json", "config_resolved.yaml", "rounds.json", "results_key",
-                                 ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+                                 "starting_model.json", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
 
 
 def copy_records(paths: list[Path], dest: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 
 from omegaconf import OmegaConf
 
+from unierase.io import stable_hash
+
 # Resolved-config keys (and everything under them) that cannot change a run's results, left out of its
 # configuration: where the cache lives (entries are keyed by what produced them), logging and labels, the
 # progress display, what a sweeper is told, and how the target is built (not part of its cache key: the
@@ -134,6 +136,9 @@ class Run:
     # What tells `config` from its family's other configurations: "path=value", or "path=path=value" for
     # settings that always agree there.
     differs: dict[str, Any] = field(default_factory=dict)
+    # The sha256 of the weights the run started from (one file's, or a hash of several files'); None where the
+    # run directory has no starting_model.json (runs from before it was written) or the model had no local files.
+    starting_weights: str | None = None
 
     def family(self) -> tuple[Any, ...]:
         return tuple(self.ids[k] for k in FAMILY)
@@ -261,4 +266,14 @@ def load_run(run_dir: Path) -> Run:
         values[col.key] = value
     rounds_file = run_dir / "rounds.json"
     rounds = json.loads(rounds_file.read_text()) if rounds_file.is_file() else None
-    return Run(run_dir, ids, values, partial, rounds, _settings(OmegaConf.to_container(cfg), run_dir))
+    return Run(run_dir, ids, values, partial, rounds, _settings(OmegaConf.to_container(cfg), run_dir),
+               starting_weights=starting_weights(run_dir))
+
+
+def starting_weights(run_dir: Path) -> str | None:
+    """The fingerprint of the weights in the run's starting_model.json (unierase.run.write_starting_model)."""
+    record = run_dir / "starting_model.json"
+    digests = json.loads(record.read_text())["weights_sha256"] if record.is_file() else {}
+    if not digests:
+        return None
+    return next(iter(digests.values())) if len(digests) == 1 else stable_hash(digests, 64)

@@ -91,13 +91,27 @@ def _seed_means_table(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _starting_weights_note(runs: list[Run]) -> list[str]:
+    """Which weights each row started from, so a reader sees that the rows share one target build."""
+    if all(run.starting_weights is None for run in runs):
+        return []
+    by_weights: dict[str | None, list[str]] = {}
+    for run in runs:
+        by_weights.setdefault(run.starting_weights, []).append(f"{run.ids['method']} (seed {run.ids['seed']})")
+    parts = [f"`{weights[:12]}`: {', '.join(labels)}" for weights, labels in by_weights.items() if weights]
+    if None in by_weights:
+        parts.append(f"not recorded: {', '.join(by_weights[None])}")
+    return ["", "Starting weights (sha256 of the model's safetensors, first 12 digits; `starting_model.json`): "
+                + "; ".join(parts) + "."]
+
+
 def render_markdown(runs: list[Run]) -> str:
     """The main table with its notes; the means over seeds where a configuration has several; the headline
     comparisons where a protocol has UniErase and baseline rows; then a section per column group (COLUMN_GROUPS)
     that has a value, listing the runs that have one."""
     same_seed = same_seed_runs(runs)
     marked = {id(run) for members in same_seed for run in members}
-    lines = [*_table(runs, METRIC_COLUMNS, marked), "", CONFIG_NOTE]
+    lines = [*_table(runs, METRIC_COLUMNS, marked), "", CONFIG_NOTE, *_starting_weights_note(runs)]
     if any(run.partial for run in runs):
         lines += ["", PARTIAL_NOTE]
     if same_seed:
