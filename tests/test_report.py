@@ -554,14 +554,14 @@ def test_an_evaluated_model_is_named_by_its_folder_and_left_out_of_the_headline(
     assert found.unierase.label == "unierase_cpu"
 
 
-def _start_from(run_dir: Path, digest: str) -> None:
+def _start_from(run_dir: Path, digest: str, model: str = "target-1f5cb0a071040d84") -> None:
     (run_dir / "starting_model.json").write_text(json.dumps(
-        {"id": "target-1f5cb0a071040d84", "weights_sha256": {"model.safetensors": digest}}))
+        {"id": model, "weights_sha256": {"model.safetensors": digest}}))
 
 
 def test_runs_started_from_two_builds_of_the_target_are_refused_and_one_build_is_named(tmp_path, monkeypatch):
-    """A rebuilt target (same cache key) can hold other weights: unlearning rows of one protocol that started from
-    two builds must not share a table. One build is named under the table; runs without the record are listed."""
+    """A rebuilt target (same cache entry) can hold other weights: rows started from two builds of it must not share
+    a table. The weights are named under the table; runs without the record are listed."""
     monkeypatch.chdir(tmp_path)
     sweep = Path("outputs/multiruns/t")
     _write_run(sweep / "0_unierase_cpu", 0, 0.8, 0.4)
@@ -575,11 +575,11 @@ def test_runs_started_from_two_builds_of_the_target_are_refused_and_one_build_is
     assert f"`{'a' * 12}`: ga_gd (seed 0), unierase_cpu (seed 0); not recorded: npo_gd (seed 0)." in markdown
 
     _start_from(sweep / "2_npo_gd", "b" * 64)
-    with pytest.raises(SystemExit, match=f"different weights \\({'a' * 12} in .*; {'b' * 12} in .*2_npo_gd\\)"):
+    with pytest.raises(SystemExit, match=f"started from target-1f5cb0a071040d84 with different weights "
+                                         f"\\({'a' * 12} in .*; {'b' * 12} in .*2_npo_gd\\)"):
         main([str(sweep), "--out", "other", "--name", "t"])
     assert not Path("other/t.md").exists()
-    # Another protocol (another forget split) may start from another target.
-    config = OmegaConf.load(sweep / "2_npo_gd" / "config_resolved.yaml")
-    config.benchmark.split = "forget05"
-    OmegaConf.save(config, sweep / "2_npo_gd" / "config_resolved.yaml")
+    # Another cache entry (a tiny model's base follows the seed; another target recipe) is another model.
+    _start_from(sweep / "2_npo_gd", "b" * 64, model="target-0123456789abcdef")
     main([str(sweep), "--out", "other", "--name", "t"])
+    assert f"`{'b' * 12}`: npo_gd (seed 0)" in Path("other/t.md").read_text(encoding="utf-8")

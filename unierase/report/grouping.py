@@ -51,19 +51,19 @@ def group_runs(runs: list[Run]) -> None:
 
 
 def check_one_start(runs: list[Run]) -> None:
-    """Refuse unlearning runs of one protocol (benchmark, split, model and every benchmark/eval/target setting) that
-    started from different weights: two builds of one cached target can differ (thread count, machine), and their
-    rows are not comparable. Runs that did not record their starting weights are not checked."""
-    starts: dict[str, dict[str, Path]] = defaultdict(dict)  # protocol -> starting weights -> a run that had them
+    """Refuse runs that started from one model (the same cache entry or path) holding different weights: two builds
+    of one cached target can differ (thread count, machine), and rows started from each are not comparable. A
+    different entry (another seed's tiny base, another target recipe) is another model by its config; runs that did
+    not record their start are not checked."""
+    starts: dict[str, dict[str, Path]] = defaultdict(dict)  # starting model -> its weights -> a run that had them
     for run in runs:
-        if run.settings.get("stage") == "unlearn" and run.starting_weights is not None:
-            protocol = _value_text([run.ids["benchmark"], run.ids["split"], run.ids["model"], run.protocol()])
-            starts[protocol].setdefault(run.starting_weights, run.path)
-    for found in starts.values():
+        if run.starting_model is not None and run.starting_weights is not None:
+            starts[run.starting_model].setdefault(run.starting_weights, run.path)
+    for model, found in starts.items():
         if len(found) > 1:
             listed = "; ".join(f"{weights[:12]} in {path}" for weights, path in sorted(found.items()))
-            raise SystemExit(f"unierase-table: unlearning runs of one protocol started from different weights "
-                             f"({listed}): a rebuilt target is another model; report each build's runs apart")
+            raise SystemExit(f"unierase-table: runs started from {model} with different weights ({listed}): a "
+                             f"rebuilt model is another model; report each build's runs apart")
 
 
 def load_runs(paths: list[Path]) -> list[Run]:

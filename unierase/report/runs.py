@@ -136,8 +136,10 @@ class Run:
     # What tells `config` from its family's other configurations: "path=value", or "path=path=value" for
     # settings that always agree there.
     differs: dict[str, Any] = field(default_factory=dict)
-    # The sha256 of the weights the run started from (one file's, or a hash of several files'); None where the
-    # run directory has no starting_model.json (runs from before it was written) or the model had no local files.
+    # The model the run started from (its cache entry or path) and the sha256 of its weights (one file's, or a hash
+    # of several files'); None where the run directory has no starting_model.json (runs from before it was written),
+    # and the digest None where the model had no local files.
+    starting_model: str | None = None
     starting_weights: str | None = None
 
     def family(self) -> tuple[Any, ...]:
@@ -266,14 +268,18 @@ def load_run(run_dir: Path) -> Run:
         values[col.key] = value
     rounds_file = run_dir / "rounds.json"
     rounds = json.loads(rounds_file.read_text()) if rounds_file.is_file() else None
+    started_from, weights = starting_model(run_dir)
     return Run(run_dir, ids, values, partial, rounds, _settings(OmegaConf.to_container(cfg), run_dir),
-               starting_weights=starting_weights(run_dir))
+               starting_model=started_from, starting_weights=weights)
 
 
-def starting_weights(run_dir: Path) -> str | None:
-    """The fingerprint of the weights in the run's starting_model.json (unierase.run.write_starting_model)."""
+def starting_model(run_dir: Path) -> tuple[str | None, str | None]:
+    """The identity and weights fingerprint in the run's starting_model.json (unierase.run.write_starting_model)."""
     record = run_dir / "starting_model.json"
-    digests = json.loads(record.read_text())["weights_sha256"] if record.is_file() else {}
+    if not record.is_file():
+        return None, None
+    found = json.loads(record.read_text())
+    digests = found["weights_sha256"]
     if not digests:
-        return None
-    return next(iter(digests.values())) if len(digests) == 1 else stable_hash(digests, 64)
+        return found["id"], None
+    return found["id"], next(iter(digests.values())) if len(digests) == 1 else stable_hash(digests, 64)
