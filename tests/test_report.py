@@ -158,6 +158,7 @@ def test_other_data_folder_and_same_seed_are_never_averaged(tmp_path):
         (label.format("/data/other", other["config"]) + " (n=1)", 1, 0.6, 0.5),
         (label.format("/data/shared", shared["config"]) + " seed=0 a_shared (n=1)", 1, 0.8, 0.4),
         (label.format("/data/shared", shared["config"]) + " seed=0 c_rerun (n=1)", 1, 0.7, 0.3)]
+    assert all(p.forget_efficacy_sd is None and p.model_utility_sd is None for p in points)  # one seed: no bar
 
 
 def test_seeds_of_one_configuration_are_averaged(tmp_path):
@@ -175,6 +176,8 @@ def test_seeds_of_one_configuration_are_averaged(tmp_path):
     (point,) = plot_fe_vs_mu(load_runs([root]), tmp_path / "p.png")
     assert (point.text, point.n) == ("unierase_cpu (n=2)", 2)
     assert (point.forget_efficacy, point.model_utility) == pytest.approx((0.7, 0.45))
+    # sample sd over the two seeds: |0.8 - 0.6| / sqrt(2) and |0.4 - 0.5| / sqrt(2), drawn as error bars
+    assert (point.forget_efficacy_sd, point.model_utility_sd) == pytest.approx((0.2 / 2 ** 0.5, 0.1 / 2 ** 0.5))
 
 
 def test_hyperparameter_sweep_gives_one_point_per_value(tmp_path):

@@ -15,35 +15,15 @@ baseline's; the second when the gain is positive.
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
 from unierase.io import stable_hash
-from unierase.report.plots import Unit, plot_units
+from unierase.report.plots import Stat, Unit, plot_units, unit_stat
 from unierase.report.runs import FE, MU, Run
 
 PAPER_UTILITY_RATIO = 4.01
 PAPER_EFFICACY_GAIN = 0.3596
-
-
-@dataclass(frozen=True)
-class Stat:
-    mean: float
-    sd: float | None  # sample standard deviation; None for one seed
-    n: int
-
-    def text(self, decimals: int = 3) -> str:
-        sd = "" if self.sd is None else f" ± {self.sd:.{decimals}f}"
-        return f"{self.mean:.{decimals}f}{sd}"
-
-
-def unit_stat(unit: Unit, key: str) -> Stat | None:
-    """The mean and sd of column `key` over the unit's seeds; None when a run lacks it."""
-    values = [run.values[key] for run in unit.runs]
-    if any(value is None for value in values):
-        return None
-    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
 
 
 @dataclass(frozen=True)

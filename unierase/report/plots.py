@@ -7,6 +7,7 @@ with the same seed. Figures are written atomically as PNG.
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -56,6 +57,25 @@ def plot_units(runs: list[Run]) -> list[Unit]:
     return sorted(units, key=lambda unit: unit.label)
 
 
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    sd: float | None  # sample standard deviation; None for one seed
+    n: int
+
+    def text(self, decimals: int = 3) -> str:
+        sd = "" if self.sd is None else f" ± {self.sd:.{decimals}f}"
+        return f"{self.mean:.{decimals}f}{sd}"
+
+
+def unit_stat(unit: Unit, key: str) -> Stat | None:
+    """The mean and sd of column `key` over the unit's seeds; None when a run lacks it."""
+    values = [run.values[key] for run in unit.runs]
+    if any(value is None for value in values):
+        return None
+    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
 def _save_figure(fig: plt.Figure, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
@@ -71,31 +91,39 @@ def _save_figure(fig: plt.Figure, path: Path) -> None:
 
 @dataclass(frozen=True)
 class Point:
-    text: str  # its annotation: the unit's label, `*` when partial, (n=seeds averaged)
+    text: str  # its legend entry: the unit's label, `*` when partial, (n=seeds averaged)
     n: int
     model_utility: float
     forget_efficacy: float
+    model_utility_sd: float | None = None  # sample sd over the seeds; None for one seed
+    forget_efficacy_sd: float | None = None
 
 
 def plot_fe_vs_mu(runs: list[Run], path: Path) -> list[Point]:
-    """One point per configuration, the mean over its seeds (plot_units); returns the points drawn."""
+    """One point per configuration, the mean over its seeds (plot_units) with ± sd bars; returns the points drawn.
+    Points are numbered and the labels go in a legend under the axes: configuration labels are long, and points
+    that sit close together (baselines that barely forget) would make annotations unreadable."""
     units = plot_units([r for r in runs if r.values[FE] is not None and r.values[MU] is not None])
     points = []
     for unit in units:
         partial = "*" if any(r.partial & {FE, MU} for r in unit.runs) else ""
-        n = len(unit.runs)
-        points.append(Point(f"{unit.label}{partial} (n={n})", n, sum(r.values[MU] for r in unit.runs) / n,
-                            sum(r.values[FE] for r in unit.runs) / n))
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for point in points:
-        ax.scatter(point.model_utility, point.forget_efficacy)
-        ax.annotate(point.text, (point.model_utility, point.forget_efficacy), textcoords="offset points",
-                    xytext=(5, 5))
-    if not points:
+        mu, fe = unit_stat(unit, MU), unit_stat(unit, FE)
+        points.append(Point(f"{unit.label}{partial} (n={mu.n})", mu.n, mu.mean, fe.mean, mu.sd, fe.sd))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    markers = "osD^v<>pPX*h"
+    for number, point in enumerate(points, start=1):
+        ax.errorbar(point.model_utility, point.forget_efficacy, xerr=point.model_utility_sd,
+                    yerr=point.forget_efficacy_sd, fmt=markers[(number - 1) % len(markers)], capsize=3,
+                    label=f"{number}: {point.text}")
+        ax.annotate(str(number), (point.model_utility, point.forget_efficacy), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    if points:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
+    else:
         ax.text(0.5, 0.5, "no run has both values", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("Model Utility")
     ax.set_ylabel("Forget Efficacy")
-    ax.set_title("Forget Efficacy vs Model Utility (mean over seeds; * partial)")
+    ax.set_title("Forget Efficacy vs Model Utility (mean ± sd over seeds; * partial)")
     ax.grid(alpha=0.3)
     _save_figure(fig, path)
     return points

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from unierase.report.grouping import same_seed_runs
-from unierase.report.headline import headlines, render_headlines, unit_stat
-from unierase.report.plots import plot_units
+from unierase.report.headline import headlines, render_headlines
+from unierase.report.plots import plot_units, unit_stat
 from unierase.report.runs import (
     COLUMN_GROUPS,
     FE,
