@@ -95,8 +95,8 @@ class Point:
     n: int
     model_utility: float
     forget_efficacy: float
-    model_utility_sd: float | None = None  # sample sd over the seeds; None for one seed
-    forget_efficacy_sd: float | None = None
+    model_utility_sd: float | None  # sample sd over the seeds; None for one seed
+    forget_efficacy_sd: float | None
 
 
 def plot_fe_vs_mu(runs: list[Run], path: Path) -> list[Point]:
