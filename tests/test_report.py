@@ -575,7 +575,9 @@ def test_runs_started_from_two_builds_of_the_target_are_refused_and_one_build_is
     main([str(sweep), "--out", "docs", "--name", "t", "--records"])
     assert Path("docs/runs/t/t/1_ga_gd/starting_model.json").is_file()  # a record file: it travels with the table
     markdown = Path("docs/t.md").read_text(encoding="utf-8")
-    assert f"`{'a' * 12}`: ga_gd (seed 0), unierase_cpu (seed 0); not recorded: npo_gd (seed 0)." in markdown
+    config = {run.ids["method"]: run.config for run in load_runs([sweep])}
+    assert (f"`{'a' * 12}`: ga_gd #{config['ga_gd']} (seed 0), unierase_cpu #{config['unierase_cpu']} (seed 0); "
+            f"not recorded: npo_gd #{config['npo_gd']} (seed 0).") in markdown
 
     _start_from(sweep / "2_npo_gd", "b" * 64)
     with pytest.raises(SystemExit, match=f"started from target-1f5cb0a071040d84 with different weights "
@@ -585,4 +587,4 @@ def test_runs_started_from_two_builds_of_the_target_are_refused_and_one_build_is
     # Another cache entry (a tiny model's base follows the seed; another target recipe) is another model.
     _start_from(sweep / "2_npo_gd", "b" * 64, model="target-0123456789abcdef")
     main([str(sweep), "--out", "other", "--name", "t"])
-    assert f"`{'b' * 12}`: npo_gd (seed 0)" in Path("other/t.md").read_text(encoding="utf-8")
+    assert f"`{'b' * 12}`: npo_gd #{config['npo_gd']} (seed 0)" in Path("other/t.md").read_text(encoding="utf-8")

@@ -97,7 +97,9 @@ def _starting_weights_note(runs: list[Run]) -> list[str]:
         return []
     by_weights: dict[str | None, list[str]] = {}
     for run in runs:
-        by_weights.setdefault(run.starting_weights, []).append(f"{run.ids['method']} (seed {run.ids['seed']})")
+        # the config hash tells apart two configurations of one method (the Config column's first field)
+        by_weights.setdefault(run.starting_weights, []).append(
+            f"{run.ids['method']} #{run.config} (seed {run.ids['seed']})")
     parts = [f"`{weights[:12]}`: {', '.join(labels)}" for weights, labels in by_weights.items() if weights]
     if None in by_weights:
         parts.append(f"not recorded: {', '.join(by_weights[None])}")
